@@ -1,0 +1,247 @@
+"""Token mixers for the DiT backbone: plain MHSA, Visual-Contrast Attention and its ablations,
+and Differential Attention.
+
+Every mixer takes and returns (B, N, C) tokens laid out on an H x W grid, owns `qkv` and `proj`
+linear layers with the official DiT key names, and calls `F.scaled_dot_product_attention` for
+each attention product so fused kernels apply. VCA never forms an N x N map: both of its stages
+cost O(N * n * d) per head, n being the number of contrast tokens.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ATTENTIONS = ("mhsa", "vca", "stage1", "stage2", "emb", "diff", "diffattn")
+ATTENTION_HELP = {
+    "mhsa": "plain multi-head self-attention (DiT/SiT baseline)",
+    "vca": "Visual-Contrast Attention: pooled contrast tokens, differential Stage I and II",
+    "stage1": "VCA ablation: differential global contrast (Stage I) only",
+    "stage2": "VCA ablation: differential per-patch attention (Stage II) only",
+    "emb": "VCA ablation: contrast tokens from the learnable embeddings only, no pooling",
+    "diff": "VCA ablation: language-style differential attention (split heads) in both stages, "
+    "learnable tokens instead of pooled contrast tokens",
+    "diffattn": "Differential Attention (Ye et al. 2024): half the heads, two softmax maps",
+}
+
+
+def lambda_init_for(layer_index: int) -> float:
+    """Differential Transformer's depth schedule for the initial lambda (0-based block index)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32 so bf16 runs normalise the same way."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(dtype)).to(x.dtype)
+
+
+class DiffLambda(nn.Module):
+    """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init: one scalar shared by all heads."""
+
+    def __init__(self, dim: int, lambda_init: float):
+        super().__init__()
+        self.lambda_init = lambda_init
+        self.q1 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+        self.k1 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+        self.q2 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+        self.k2 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+
+    def forward(self) -> torch.Tensor:
+        dtype = torch.promote_types(self.q1.dtype, torch.float32)
+        q1, k1, q2, k2 = (p.to(dtype) for p in (self.q1, self.k1, self.q2, self.k2))
+        return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + self.lambda_init
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with DiT's parameter layout (qkv with bias, proj)."""
+
+    def __init__(self, dim: int, num_heads: int, **_unused):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class DifferentialAttention(nn.Module):
+    """Differential Attention (Ye et al. 2024) at the same width: M/2 heads, each splitting its
+    2d query/key channels into two d-dim groups whose softmax maps are subtracted.
+    O = (1 - lambda_init) * RMSNorm((softmax(q1 k1) - lambda * softmax(q2 k2)) v)."""
+
+    def __init__(self, dim: int, num_heads: int, layer_index: int = 0, **_unused):
+        super().__init__()
+        if num_heads % 2:
+            raise ValueError(f"diffattn needs an even number of heads, got {num_heads}")
+        self.num_heads = num_heads // 2
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.lam = DiffLambda(head_dim, lambda_init_for(layer_index))
+        self.norm = RMSNorm(2 * head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q1, q2 = q.chunk(2, dim=-1)
+        k1, k2 = k.chunk(2, dim=-1)
+        lam = self.lam().to(v.dtype)
+        out = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(
+            q2, k2, v
+        )
+        out = (1 - self.lam.lambda_init) * self.norm(out)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class VisualContrastAttention(nn.Module):
+    """Visual-Contrast Attention (Linear Differential ViT, NeurIPS 2025) and its ablations.
+
+    Contrast tokens: the queries average-pooled from the H x W token grid to h x w (n = h*w),
+    plus two learnable embeddings e+ / e- giving a positive and a negative stream.
+    Stage I: both streams attend to all N keys; v_hat = (1 - li) RMSNorm(v+ - lambda1 v-).
+    Stage II: the N queries attend to the streams (as keys) with values v_hat;
+    O = (1 - li) RMSNorm((A+ - lambda2 A-) v_hat), A+/A- two softmaxes over n columns
+    (`stage2_softmax="separate"`) or halves of one softmax over 2n (`"joint"`).
+    A 3x3 depthwise convolution of v on the grid is added before `proj` (`dwc=True`).
+
+    `variant` picks the ablation: "vca" (full), "stage1" / "stage2" (only that stage is
+    differential; the other uses the positive stream alone, with no norm), "emb" (streams are
+    e+ / e- alone, no pooled content), "diff" (one set of learnable tokens; each stage is a
+    language-style differential attention that splits head channels into two groups).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid_size: tuple[int, int],
+        layer_index: int = 0,
+        variant: str = "vca",
+        contrast_grid: int | tuple[int, int] = 8,
+        stage2_softmax: str = "separate",
+        dwc: bool = True,
+    ):
+        super().__init__()
+        if variant not in ("vca", "stage1", "stage2", "emb", "diff"):
+            raise ValueError(f"unknown VCA variant {variant!r}")
+        if stage2_softmax not in ("separate", "joint"):
+            raise ValueError(
+                f"stage2_softmax must be 'separate' or 'joint', got {stage2_softmax!r}"
+            )
+        if variant == "diff" and stage2_softmax == "joint":
+            raise ValueError("the 'diff' variant has no dual streams to share a joint softmax")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.grid_size = tuple(grid_size)
+        if isinstance(contrast_grid, int):
+            contrast_grid = (contrast_grid, contrast_grid)
+        self.contrast_grid = (
+            min(contrast_grid[0], grid_size[0]),
+            min(contrast_grid[1], grid_size[1]),
+        )
+        n = self.contrast_grid[0] * self.contrast_grid[1]
+        self.variant = variant
+        self.stage2_softmax = stage2_softmax
+        self.lambda_init = lambda_init_for(layer_index)
+        self.stage1_diff = variant in ("vca", "stage1", "emb", "diff")
+        self.stage2_diff = variant in ("vca", "stage2", "emb", "diff")
+
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.contrast_pos = nn.Parameter(torch.randn(n, dim))
+        self.contrast_neg = None if variant == "diff" else nn.Parameter(torch.randn(n, dim))
+        lam_dim = self.head_dim // 2 if variant == "diff" else self.head_dim
+        if self.stage1_diff:
+            self.lambda1 = DiffLambda(lam_dim, self.lambda_init)
+            self.norm1 = RMSNorm(self.head_dim)
+        if self.stage2_diff:
+            self.lambda2 = DiffLambda(lam_dim, self.lambda_init)
+            self.norm2 = RMSNorm(self.head_dim)
+        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if dwc else None
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, n, C) -> (B, M, n, d)."""
+        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _streams(self, q: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positive and negative contrast tokens, (B, M, n, d) each (no negative for "diff")."""
+        content = 0.0
+        if self.variant not in ("emb", "diff"):
+            H, W = self.grid_size
+            grid = q.transpose(2, 3).reshape(B, -1, H, W)  # (B, M*d, H, W), heads-major
+            content = F.adaptive_avg_pool2d(grid, self.contrast_grid).flatten(2).transpose(1, 2)
+
+        def stream(embedding):
+            return self._heads((content + embedding.to(q.dtype)).expand(B, -1, -1))
+
+        return stream(self.contrast_pos), None if self.contrast_neg is None else stream(
+            self.contrast_neg
+        )
+
+    def _differential(self, q_a, k_a, q_b, k_b, v, lam_module, norm) -> torch.Tensor:
+        lam = lam_module().to(v.dtype)
+        out = F.scaled_dot_product_attention(q_a, k_a, v)
+        out = out - lam * F.scaled_dot_product_attention(q_b, k_b, v)
+        return (1 - self.lambda_init) * norm(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        pos, neg = self._streams(q, B)
+
+        if self.variant == "diff":
+            # Split channels: the two groups play the roles of the two streams.
+            (t1, t2), (q1, q2), (k1, k2) = pos.chunk(2, -1), q.chunk(2, -1), k.chunk(2, -1)
+            v_hat = self._differential(t1, k1, t2, k2, v, self.lambda1, self.norm1)
+            out = self._differential(q1, t1, q2, t2, v_hat, self.lambda2, self.norm2)
+        else:
+            if self.stage1_diff:
+                v_hat = self._differential(pos, k, neg, k, v, self.lambda1, self.norm1)
+            else:
+                v_hat = F.scaled_dot_product_attention(pos, k, v)
+            if not self.stage2_diff:
+                out = F.scaled_dot_product_attention(q, pos, v_hat)
+            elif self.stage2_softmax == "joint":
+                lam = self.lambda2().to(v.dtype)
+                keys = torch.cat([pos, neg], dim=2)
+                values = torch.cat([v_hat, -lam * v_hat], dim=2)
+                out = (1 - self.lambda_init) * self.norm2(
+                    F.scaled_dot_product_attention(q, keys, values)
+                )
+            else:
+                out = self._differential(q, pos, q, neg, v_hat, self.lambda2, self.norm2)
+
+        out = out.transpose(1, 2).reshape(B, N, C)
+        if self.dwc is not None:
+            H, W = self.grid_size
+            v_grid = v.transpose(2, 3).reshape(B, C, H, W)
+            out = out + self.dwc(v_grid).flatten(2).transpose(1, 2)
+        return self.proj(out)
+
+
+def build_attention(kind: str, dim: int, num_heads: int, grid_size, layer_index: int, **opts):
+    """Construct the token mixer `kind` for block `layer_index`; opts go to VCA variants only."""
+    if kind == "mhsa":
+        return Attention(dim, num_heads)
+    if kind == "diffattn":
+        return DifferentialAttention(dim, num_heads, layer_index=layer_index)
+    if kind in ("vca", "stage1", "stage2", "emb", "diff"):
+        return VisualContrastAttention(
+            dim, num_heads, grid_size, layer_index=layer_index, variant=kind, **opts
+        )
+    raise ValueError(f"unknown attention {kind!r}; choose one of {', '.join(ATTENTIONS)}")

@@ -1,0 +1,272 @@
+"""Token mixers against straightforward float64 re-implementations written here: explicit
+matmuls and softmaxes, pooling by block means, a depthwise conv by shifted sums."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.attention import (
+    ATTENTIONS,
+    DifferentialAttention,
+    VisualContrastAttention,
+    build_attention,
+    lambda_init_for,
+)
+
+B, H, W, C, HEADS = 2, 8, 8, 48, 4
+D = C // HEADS
+
+
+def softmax(s):
+    e = torch.exp(s - s.max(dim=-1, keepdim=True).values)
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def attend(q, k, v):
+    """softmax(q k^T / sqrt(dim)) v over the last two dims."""
+    return softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])) @ v
+
+
+def rms(x, weight):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * weight
+
+
+def lam(module):
+    a = torch.dot(module.q1.double(), module.k1.double())
+    b = torch.dot(module.q2.double(), module.k2.double())
+    return math.exp(a.item()) - math.exp(b.item()) + module.lambda_init
+
+
+def heads(t, num_heads):
+    """(B, n, C) -> (B, M, n, C/M)."""
+    return t.reshape(t.shape[0], t.shape[1], num_heads, -1).transpose(1, 2)
+
+
+def merge(t):
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
+
+
+def split_qkv(mod, x):
+    qkv = x @ mod.qkv.weight.double().T + mod.qkv.bias.double()
+    return qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+
+
+def block_mean_pool(t, grid, out):
+    """(B, N, C) on a grid -> (B, n, C) means over equal blocks (grid divisible by out)."""
+    (gh, gw), (oh, ow) = grid, out
+    blocks = t.reshape(t.shape[0], oh, gh // oh, ow, gw // ow, t.shape[-1])
+    return blocks.mean(dim=(2, 4)).reshape(t.shape[0], oh * ow, t.shape[-1])
+
+
+def depthwise3x3(v, conv, grid):
+    gh, gw = grid
+    img = v.reshape(v.shape[0], gh, gw, -1)
+    padded = torch.nn.functional.pad(img, (0, 0, 1, 1, 1, 1))
+    weight = conv.weight.double()[:, 0]  # (C, 3, 3)
+    out = torch.zeros_like(img) + conv.bias.double()
+    for dy in range(3):
+        for dx in range(3):
+            out = out + padded[:, dy : dy + gh, dx : dx + gw, :] * weight[:, dy, dx]
+    return out.reshape(v.shape)
+
+
+def reference_vca(mod, x, layer):
+    x = x.double()
+    q, k, v = split_qkv(mod, x)
+    li = 0.8 - 0.6 * math.exp(-0.3 * layer)
+    variant = mod.variant
+    n_grid = mod.contrast_grid
+    if variant in ("emb", "diff"):
+        content = torch.zeros(x.shape[0], n_grid[0] * n_grid[1], C, dtype=torch.float64)
+    else:
+        content = block_mean_pool(q, (H, W), n_grid)
+    pos = heads(content + mod.contrast_pos.double(), HEADS)
+    qh, kh, vh = heads(q, HEADS), heads(k, HEADS), heads(v, HEADS)
+    if variant == "diff":
+        h = D // 2
+        t1, t2 = pos[..., :h], pos[..., h:]
+        v_hat = attend(t1, kh[..., :h], vh) - lam(mod.lambda1) * attend(t2, kh[..., h:], vh)
+        v_hat = (1 - li) * rms(v_hat, mod.norm1.weight.double())
+        out = attend(qh[..., :h], t1, v_hat) - lam(mod.lambda2) * attend(qh[..., h:], t2, v_hat)
+        out = (1 - li) * rms(out, mod.norm2.weight.double())
+    else:
+        neg = heads(content + mod.contrast_neg.double(), HEADS)
+        if variant in ("vca", "stage1", "emb"):
+            v_hat = attend(pos, kh, vh) - lam(mod.lambda1) * attend(neg, kh, vh)
+            v_hat = (1 - li) * rms(v_hat, mod.norm1.weight.double())
+        else:
+            v_hat = attend(pos, kh, vh)
+        if variant == "stage1":
+            out = attend(qh, pos, v_hat)
+        elif mod.stage2_softmax == "joint":
+            scale = 1 / math.sqrt(D)
+            a = softmax(
+                torch.cat([qh @ pos.transpose(-1, -2), qh @ neg.transpose(-1, -2)], -1) * scale
+            )
+            n = pos.shape[2]
+            out = (a[..., :n] - lam(mod.lambda2) * a[..., n:]) @ v_hat
+            out = (1 - li) * rms(out, mod.norm2.weight.double())
+        else:
+            a_pos = softmax(qh @ pos.transpose(-1, -2) / math.sqrt(D))
+            a_neg = softmax(qh @ neg.transpose(-1, -2) / math.sqrt(D))
+            out = (a_pos - lam(mod.lambda2) * a_neg) @ v_hat
+            out = (1 - li) * rms(out, mod.norm2.weight.double())
+    out = merge(out)
+    if mod.dwc is not None:
+        out = out + depthwise3x3(v, mod.dwc, (H, W))
+    return out @ mod.proj.weight.double().T + mod.proj.bias.double()
+
+
+def randomise(module, generator):
+    """Non-trivial values everywhere (RMSNorm weights and conv too), so no term can hide."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+
+
+VARIANTS = [
+    ("vca", "separate", True),
+    ("vca", "joint", True),
+    ("vca", "separate", False),
+    ("vca", "joint", False),
+    ("stage1", "separate", True),
+    ("stage2", "separate", True),
+    ("stage2", "joint", False),
+    ("emb", "separate", True),
+    ("emb", "joint", True),
+    ("diff", "separate", True),
+]
+
+
+@pytest.mark.parametrize("variant,softmax_mode,dwc", VARIANTS)
+def test_vca_matches_reference(variant, softmax_mode, dwc):
+    g = torch.Generator().manual_seed(0)
+    layer = 3
+    mod = VisualContrastAttention(
+        C,
+        HEADS,
+        (H, W),
+        layer_index=layer,
+        variant=variant,
+        contrast_grid=4,
+        stage2_softmax=softmax_mode,
+        dwc=dwc,
+    ).double()
+    randomise(mod, g)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(mod(x), reference_vca(mod, x, layer), rtol=1e-9, atol=1e-9)
+
+
+def test_vca_rectangular_contrast_grid_and_float32():
+    g = torch.Generator().manual_seed(1)
+    mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=0, contrast_grid=(2, 4))
+    randomise(mod, g)
+    x = torch.randn(B, H * W, C, generator=g)
+    assert mod.contrast_pos.shape == (8, C)
+    torch.testing.assert_close(
+        mod(x).double(), reference_vca(mod.double(), x, 0), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_differential_attention_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    layer = 5
+    mod = DifferentialAttention(C, HEADS, layer_index=layer).double()
+    randomise(mod, g)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+    q, k, v = split_qkv(mod, x)
+    pairs = HEADS // 2
+    qh, kh, vh = heads(q, pairs), heads(k, pairs), heads(v, pairs)
+    assert vh.shape[-1] == 2 * D
+    a1 = softmax(qh[..., :D] @ kh[..., :D].transpose(-1, -2) / math.sqrt(D))
+    a2 = softmax(qh[..., D:] @ kh[..., D:].transpose(-1, -2) / math.sqrt(D))
+    li = 0.8 - 0.6 * math.exp(-0.3 * layer)
+    out = (1 - li) * rms((a1 - lam(mod.lam) * a2) @ vh, mod.norm.weight.double())
+    expected = merge(out) @ mod.proj.weight.double().T + mod.proj.bias.double()
+    torch.testing.assert_close(mod(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_mhsa_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    mod = build_attention("mhsa", C, HEADS, (H, W), 0).double()
+    randomise(mod, g)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+    q, k, v = split_qkv(mod, x)
+    out = merge(attend(heads(q, HEADS), heads(k, HEADS), heads(v, HEADS)))
+    expected = out @ mod.proj.weight.double().T + mod.proj.bias.double()
+    torch.testing.assert_close(mod(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_lambda_init_schedule_and_lambda_value():
+    for layer in range(8):
+        assert lambda_init_for(layer) == pytest.approx(
+            0.8 - 0.6 * math.exp(-0.3 * layer), abs=1e-15
+        )
+    assert lambda_init_for(0) == pytest.approx(0.2)
+    mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=4)
+    assert mod.lambda1.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-1.2))
+    expected = lam(mod.lambda1)
+    assert mod.lambda1().dtype == torch.float32
+    assert mod.lambda1().item() == pytest.approx(expected, rel=1e-6)
+    # lambda vectors start near N(0, 0.1): the product term is small, lambda is near lambda_init
+    assert all(abs(p.std().item() - 0.1) < 0.06 for p in mod.lambda1.parameters())
+
+
+@pytest.mark.parametrize("kind", [a for a in ATTENTIONS if a != "mhsa"])
+def test_gradients_reach_every_parameter(kind):
+    torch.manual_seed(0)
+    mod = build_attention(
+        kind, C, HEADS, (H, W), 2, **({} if kind == "diffattn" else {"contrast_grid": 4})
+    )
+    x = torch.randn(B, H * W, C)
+    mod(x).square().sum().backward()
+    for name, p in mod.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    names = set(dict(mod.named_parameters()))
+    expected = {
+        "vca": {
+            "contrast_pos",
+            "contrast_neg",
+            "lambda1.q1",
+            "lambda2.k2",
+            "norm1.weight",
+            "norm2.weight",
+            "dwc.weight",
+        },
+        "stage1": {"contrast_neg", "lambda1.q1", "norm1.weight"},
+        "stage2": {"contrast_neg", "lambda2.q1", "norm2.weight"},
+        "emb": {"contrast_pos", "contrast_neg", "lambda1.q2", "lambda2.q2"},
+        "diff": {"contrast_pos", "lambda1.k1", "lambda2.k1", "norm2.weight"},
+        "diffattn": {"lam.q1", "lam.k2", "norm.weight"},
+    }[kind]
+    assert expected <= names
+
+
+def test_vca_cost_is_linear_in_tokens():
+    """Attention FLOPs grow ~linearly in N for VCA (fixed n) but quadratically for MHSA."""
+
+    def attention_flops(kind, side):
+        with torch.device("meta"):
+            mod = build_attention(kind, 384, 6, (side, side), 0)
+            x = torch.empty(1, side * side, 384)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            mod(x)
+        linear = 2 * side * side * 384 * 384 * 4  # qkv + proj, identical for both
+        return counter.get_total_flops() - linear
+
+    vca_ratio = attention_flops("vca", 64) / attention_flops("vca", 32)
+    mhsa_ratio = attention_flops("mhsa", 64) / attention_flops("mhsa", 32)
+    assert 3.5 < vca_ratio < 4.5  # N x4
+    assert 15.5 < mhsa_ratio < 16.5  # N^2 x16
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="stage2_softmax"):
+        VisualContrastAttention(C, HEADS, (H, W), stage2_softmax="both")
+    with pytest.raises(ValueError, match="unknown attention"):
+        build_attention("linear", C, HEADS, (H, W), 0)
+    with pytest.raises(ValueError, match="even number of heads"):
+        DifferentialAttention(C, 3)
