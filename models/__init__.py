@@ -3,8 +3,15 @@
 from .attention import ATTENTION_HELP, ATTENTIONS
 from .dit import DiT
 
-# name -> (depth, hidden size, heads); the patch size is the "/p" suffix.
-WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# name -> (depth, hidden size, heads); the patch size is the "/p" suffix. S to XL are DiT's;
+# T (tiny) is ours, for tests and CPU demos.
+WIDTHS = {
+    "T": (6, 192, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
 PATCHES = (2, 4, 8)
 FAMILIES = ("DiT", "SiT")
 MODEL_NAMES = tuple(

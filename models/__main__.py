@@ -41,9 +41,9 @@ def main(argv=None):
     parser.add_argument(
         "--models",
         nargs="+",
-        default=[n for n in MODEL_NAMES if n.startswith("DiT")],
+        default=[n for n in MODEL_NAMES if n.startswith("DiT") and "-T/" not in n],
         metavar="NAME",
-        help="models to count (default: every DiT config; SiT shares the backbone)",
+        help="models to count (default: DiT-S/2 ... DiT-XL/8; SiT shares the backbone)",
     )
     parser.add_argument(
         "--attention",

@@ -39,11 +39,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """RMSNorm(x) * scale; the scale folds into the weight, saving a pass over x."""
         dtype = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(dtype)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.to(dtype)).to(x.dtype)
+        weight = self.weight.to(dtype) * scale
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), weight, self.eps).to(x.dtype)
 
 
 class DiffLambda(nn.Module):
@@ -104,7 +104,7 @@ class DifferentialAttention(nn.Module):
         out = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(
             q2, k2, v
         )
-        out = (1 - self.lam.lambda_init) * self.norm(out)
+        out = self.norm(out, 1 - self.lam.lambda_init)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -178,13 +178,17 @@ class VisualContrastAttention(nn.Module):
         """(B, n, C) -> (B, M, n, d)."""
         return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
+    def _grid(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, M, N, d) heads -> (B, C, H, W) image with heads-major channels, as a view when the
+        heads come straight from the qkv projection (no copy of N x C)."""
+        return t.transpose(1, 2).reshape(t.shape[0], *self.grid_size, -1).permute(0, 3, 1, 2)
+
     def _streams(self, q: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Positive and negative contrast tokens, (B, M, n, d) each (no negative for "diff")."""
         content = 0.0
         if self.variant not in ("emb", "diff"):
-            H, W = self.grid_size
-            grid = q.transpose(2, 3).reshape(B, -1, H, W)  # (B, M*d, H, W), heads-major
-            content = F.adaptive_avg_pool2d(grid, self.contrast_grid).flatten(2).transpose(1, 2)
+            content = F.adaptive_avg_pool2d(self._grid(q), self.contrast_grid)
+            content = content.flatten(2).transpose(1, 2).contiguous()  # (B, n, C)
 
         def stream(embedding):
             return self._heads((content + embedding.to(q.dtype)).expand(B, -1, -1))
@@ -194,10 +198,15 @@ class VisualContrastAttention(nn.Module):
         )
 
     def _differential(self, q_a, k_a, q_b, k_b, v, lam_module, norm) -> torch.Tensor:
+        """(1 - li) RMSNorm(attn(q_a, k_a, v) - lambda attn(q_b, k_b, v)). lambda multiplies the
+        values when they are fewer than the queries (Stage II), else the output (Stage I)."""
         lam = lam_module().to(v.dtype)
-        out = F.scaled_dot_product_attention(q_a, k_a, v)
-        out = out - lam * F.scaled_dot_product_attention(q_b, k_b, v)
-        return (1 - self.lambda_init) * norm(out)
+        if v.shape[-2] <= q_b.shape[-2]:
+            negative = F.scaled_dot_product_attention(q_b, k_b, lam * v)
+        else:
+            negative = lam * F.scaled_dot_product_attention(q_b, k_b, v)
+        out = F.scaled_dot_product_attention(q_a, k_a, v) - negative
+        return norm(out, 1 - self.lambda_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -220,17 +229,15 @@ class VisualContrastAttention(nn.Module):
                 lam = self.lambda2().to(v.dtype)
                 keys = torch.cat([pos, neg], dim=2)
                 values = torch.cat([v_hat, -lam * v_hat], dim=2)
-                out = (1 - self.lambda_init) * self.norm2(
-                    F.scaled_dot_product_attention(q, keys, values)
+                out = self.norm2(
+                    F.scaled_dot_product_attention(q, keys, values), 1 - self.lambda_init
                 )
             else:
                 out = self._differential(q, pos, q, neg, v_hat, self.lambda2, self.norm2)
 
         out = out.transpose(1, 2).reshape(B, N, C)
         if self.dwc is not None:
-            H, W = self.grid_size
-            v_grid = v.transpose(2, 3).reshape(B, C, H, W)
-            out = out + self.dwc(v_grid).flatten(2).transpose(1, 2)
+            out = out + self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
         return self.proj(out)
 
 

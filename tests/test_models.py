@@ -16,7 +16,10 @@ OFFICIAL_PARAMS = {
     "L/2": 458_102_816, "L/4": 458_053_760, "L/8": 458_594_816,
     "XL/2": 675_129_632, "XL/4": 675_074_432, "XL/8": 675_683_072,
 }  # fmt: skip
-WIDTHS = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+WIDTHS = {
+    "T": (6, 192, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}  # fmt: skip
 
 
 def n_params(model):
@@ -117,7 +120,7 @@ def test_official_state_dict_loads_strictly(family):
 
 
 def test_every_registered_config_has_right_shapes():
-    assert len(MODEL_NAMES) == 24
+    assert len(MODEL_NAMES) == 30
     for name in MODEL_NAMES:
         family, width, patch = parse_model_name(name)
         depth, hidden, heads = WIDTHS[width]

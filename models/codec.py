@@ -1,0 +1,98 @@
+"""Latent codecs: the Stable Diffusion VAE that DiT/SiT train in, and an identity for pixel runs.
+
+Both expose the scaled posterior, so a latent cache can store (mean, std) once and the training
+loop can draw a fresh sample `mean + std * eps` every step, as DiT's on-the-fly VAE does.
+"""
+
+import os
+
+import torch
+
+HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+class CodecError(ValueError):
+    """A codec that cannot be loaded; the message is one line naming the spec and the fix."""
+
+
+class Codec:
+    """Shared sampling: a latent is one draw from the scaled posterior."""
+
+    spec: str
+    latent_channels: int
+    downsample: int
+    scale: float
+
+    def posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """A posterior sample; `generator` (on the images' device) makes it reproducible."""
+        mean, std = self.posterior(images)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device)
+        return mean + std * eps
+
+
+class PixelCodec(Codec):
+    """The identity: pixel-space runs and the offline demo use images as their own latents."""
+
+    spec, latent_channels, downsample, scale = "none", 3, 1, 1.0
+
+    def posterior(self, images):
+        images = images.float()
+        return images, torch.zeros_like(images)
+
+    def decode(self, latents):
+        return latents.float()
+
+
+class VAECodec(Codec):
+    """diffusers' AutoencoderKL; latents are multiplied by its scaling factor (0.18215 for SD)."""
+
+    def __init__(self, vae, spec: str, device="cpu", dtype=torch.float32):
+        self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.spec, self.device, self.dtype = spec, torch.device(device), dtype
+        self.latent_channels = vae.config.latent_channels
+        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scale = float(vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def posterior(self, images):
+        dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
+        return tuple((t * self.scale).to(images.device, torch.float32) for t in (dist.mean, dist.std))
+
+    @torch.no_grad()
+    def decode(self, latents):
+        out = self.vae.decode(latents.to(self.device, self.dtype) / self.scale).sample
+        return out.to(latents.device, torch.float32)
+
+
+def load_codec(spec: str, device="cpu", dtype=torch.float32) -> Codec:
+    """"none" -> pixels; "ema"/"mse" -> the SD VAE from the hub cache; else a local dir or hub id."""
+    if spec == "none":
+        return PixelCodec()
+    from diffusers import AutoencoderKL
+
+    source = HUB_IDS.get(spec, spec)
+    is_dir = os.path.isdir(os.path.expanduser(source))
+    if not is_dir and (source.startswith((".", "/", "~")) or os.path.exists(source)):
+        raise CodecError(f"VAE {spec!r}: no such directory; pass a folder saved by save_pretrained")
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            os.path.expanduser(source) if is_dir else source, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError) as err:
+        if is_dir:
+            raise CodecError(
+                f"VAE {spec!r}: not an AutoencoderKL folder ({str(err).splitlines()[0]}); "
+                "pass a folder written by AutoencoderKL.save_pretrained"
+            ) from err
+        raise CodecError(
+            f"VAE {spec!r}: cannot load {source} (not in the local Hugging Face cache and the hub "
+            f"is unreachable or has no such model); download it on a machine with network: "
+            f"`huggingface-cli download {source}`, or pass --vae /path/to/dir"
+        ) from err
+    return VAECodec(vae, spec, device, dtype)
