@@ -62,7 +62,8 @@ class VAECodec(Codec):
     @torch.no_grad()
     def posterior(self, images):
         dist = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
-        return tuple((t * self.scale).to(images.device, torch.float32) for t in (dist.mean, dist.std))
+        mean, std = (t.to(images.device, torch.float32) * self.scale for t in (dist.mean, dist.std))
+        return mean, std
 
     @torch.no_grad()
     def decode(self, latents):
@@ -71,28 +72,32 @@ class VAECodec(Codec):
 
 
 def load_codec(spec: str, device="cpu", dtype=torch.float32) -> Codec:
-    """"none" -> pixels; "ema"/"mse" -> the SD VAE from the hub cache; else a local dir or hub id."""
+    """Spec: "none" (pixels), "ema"/"mse" (the SD VAE, hub cache), a saved folder or a hub id."""
     if spec == "none":
         return PixelCodec()
     from diffusers import AutoencoderKL
 
-    source = HUB_IDS.get(spec, spec)
-    is_dir = os.path.isdir(os.path.expanduser(source))
-    if not is_dir and (source.startswith((".", "/", "~")) or os.path.exists(source)):
-        raise CodecError(f"VAE {spec!r}: no such directory; pass a folder saved by save_pretrained")
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            os.path.expanduser(source) if is_dir else source, low_cpu_mem_usage=False
-        )
-    except (OSError, ValueError) as err:
-        if is_dir:
+    source = os.path.expanduser(HUB_IDS.get(spec, spec))
+    if os.path.isdir(source):
+        try:
+            vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
+        except (OSError, ValueError) as err:
             raise CodecError(
                 f"VAE {spec!r}: not an AutoencoderKL folder ({str(err).splitlines()[0]}); "
                 "pass a folder written by AutoencoderKL.save_pretrained"
             ) from err
-        raise CodecError(
-            f"VAE {spec!r}: cannot load {source} (not in the local Hugging Face cache and the hub "
-            f"is unreachable or has no such model); download it on a machine with network: "
-            f"`huggingface-cli download {source}`, or pass --vae /path/to/dir"
-        ) from err
+        return VAECodec(vae, spec, device, dtype)
+    if source.startswith((".", "/")) or os.path.exists(source):
+        raise CodecError(f"VAE {spec!r}: no such directory; pass a folder saved by save_pretrained")
+    try:  # the local cache first: no network round trip (and no retries) when it is there
+        vae = AutoencoderKL.from_pretrained(source, local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError):
+        try:
+            vae = AutoencoderKL.from_pretrained(source, low_cpu_mem_usage=False)
+        except (OSError, ValueError) as err:
+            raise CodecError(
+                f"VAE {spec!r}: cannot load {source} (not in the local Hugging Face cache, and the "
+                "hub is unreachable or has no such model); download it on a machine with network: "
+                f"`huggingface-cli download {source}`, or pass --vae /path/to/dir"
+            ) from err
     return VAECodec(vae, spec, device, dtype)

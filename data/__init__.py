@@ -1,0 +1,33 @@
+"""Image datasets (ImageFolder with ADM's centre crop, built-in synthetic shapes), latent cache."""
+
+from .errors import DataError
+from .images import ImageFolderDataset, center_crop_arr
+from .latent_cache import LatentCacheDataset, build_latent_cache
+from .synthetic import SyntheticShapes
+
+__all__ = [
+    "DataError",
+    "ImageFolderDataset",
+    "LatentCacheDataset",
+    "SyntheticShapes",
+    "build_dataset",
+    "build_latent_cache",
+    "center_crop_arr",
+]
+
+
+def build_dataset(data_path: str, image_size: int, num_classes: int | None = None):
+    """ "synthetic" or "synthetic:N" (N images) -> SyntheticShapes; anything else an image folder.
+    A folder with more classes than the model's num_classes is refused up front."""
+    if data_path == "synthetic" or data_path.startswith("synthetic:"):
+        length = data_path.partition(":")[2] or "10000"
+        if not length.isdigit() or int(length) < 1:
+            raise DataError(f"bad dataset {data_path!r}; use synthetic or synthetic:N, N >= 1")
+        return SyntheticShapes(image_size, num_classes or 10, int(length))
+    dataset = ImageFolderDataset(data_path, image_size)
+    if num_classes is not None and dataset.num_classes > num_classes:
+        raise DataError(
+            f"{data_path} has {dataset.num_classes} class folders but the model has "
+            f"{num_classes} classes; pass --num-classes {dataset.num_classes}"
+        )
+    return dataset
