@@ -1,0 +1,239 @@
+"""train.py end to end on the CPU: tiny models, 16-32 px images, a few steps each."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from engine.checkpoint import list_checkpoints
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_args(results, *extra, steps=4, data="synthetic:32"):
+    return [
+        "--data-path", data, "--image-size", "16", "--vae", "none", "--model", "DiT-T/4",
+        "--global-batch-size", "8", "--num-workers", "0", "--log-every", "1",
+        "--max-steps", str(steps), "--ckpt-every", "1000", "--results-dir", str(results), *extra,
+    ]  # fmt: skip
+
+
+def checkpoint_at(results, step):
+    path = os.path.join(results, "checkpoints", f"{step:07d}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_states_equal(a[key], b[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def read_metrics(results):
+    with open(os.path.join(results, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("model", ["DiT-T/4", "SiT-T/4"])
+def test_resume_is_exact(tmp_path, model):
+    """3 steps, stop, resume to 6 == 6 steps in one go (bit-identical model, EMA, optimizer).
+    8 images per batch over 32 images: the resumed part crosses an epoch boundary."""
+    one_go, split = tmp_path / "one_go", tmp_path / "split"
+    extra = ["--model", model, "--attention", "vca", "--ema-decay", "0.9"]
+    assert train.main(tiny_args(one_go, *extra, steps=6)) == 0
+    assert train.main(tiny_args(split, *extra, steps=3)) == 0
+    assert train.main(tiny_args(split, *extra, "--resume", steps=6)) == 0
+    a, b = checkpoint_at(one_go, 6), checkpoint_at(split, 6)
+    assert a["epoch"] == b["epoch"] == 1 and a["batch_in_epoch"] == b["batch_in_epoch"] == 2
+    for key in ("model", "ema", "opt"):
+        assert_states_equal(a[key], b[key])
+    assert not torch.equal(
+        a["model"]["blocks.0.attn.qkv.weight"], a["ema"]["blocks.0.attn.qkv.weight"]
+    )
+    losses_a = [r["loss"] for r in read_metrics(one_go)]
+    losses_b = [r["loss"] for r in read_metrics(split)]
+    assert losses_a == losses_b  # the curve continues as if never stopped
+
+
+def test_checkpoint_contents_and_pruning(tmp_path):
+    assert train.main(tiny_args(tmp_path, "--ckpt-every", "1", "--keep-checkpoints", "2")) == 0
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
+    state = checkpoint_at(tmp_path, 4)  # weights_only=True: plain types only
+    assert {"model", "ema", "opt", "step", "epoch", "batch_in_epoch", "args", "rng"} <= set(state)
+    assert state["step"] == 4 and state["args"]["model"] == "DiT-T/4"
+    assert os.path.exists(tmp_path / "loss.png") and os.path.exists(tmp_path / "log.txt")
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_sigterm_writes_checkpoint_and_exits_zero(tmp_path):
+    cmd = [sys.executable, "train.py", *tiny_args(tmp_path, steps=100_000)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    steps = [step for step, _ in list_checkpoints(tmp_path / "checkpoints")]
+    assert len(steps) == 1 and steps[0] >= 2
+    assert b"SIGTERM" in out
+    assert train.main(tiny_args(tmp_path, "--resume", "auto", steps=steps[0] + 2)) == 0
+    assert checkpoint_at(tmp_path, steps[0] + 2)["step"] == steps[0] + 2
+
+
+@pytest.mark.parametrize(
+    "model,attention",
+    [("DiT-T/4", "mhsa"), ("DiT-T/4", "vca"), ("SiT-T/4", "mhsa"), ("SiT-T/4", "vca")],
+)
+def test_loss_goes_down_on_builtin_dataset(tmp_path, model, attention):
+    args = tiny_args(tmp_path, "--model", model, "--attention", attention, "--lr", "1e-3",
+                     "--global-batch-size", "32", steps=60, data="synthetic:640")  # fmt: skip
+    assert train.main(args) == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def make_tiny_vae(folder):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=32, sample_size=32,
+    )  # fmt: skip
+    vae.save_pretrained(folder)
+    return str(folder)
+
+
+def test_training_in_vae_latent_space_on_the_fly_and_cached(tmp_path):
+    vae = make_tiny_vae(tmp_path / "vae")
+    common = ["--vae", vae, "--image-size", "32", "--preview-count", "4", "--sample-every", "3"]
+    on_the_fly = tmp_path / "fly"
+    assert train.main(tiny_args(on_the_fly, *common, steps=3)) == 0
+    cache = tmp_path / "cache"
+    cached = tmp_path / "cached"
+    assert train.main(tiny_args(cached, *common, "--latent-cache", str(cache), steps=3)) == 0
+    assert os.listdir(cache)
+    state = checkpoint_at(cached, 3)
+    # VAE factor 2 on 32 px: 16 x 16 latents with 4 channels, patch 4 -> 16 tokens
+    assert state["model"]["x_embedder.proj.weight"].shape[1] == 4
+    assert state["model"]["pos_embed"].shape[1] == 16
+    from PIL import Image
+
+    grid = Image.open(on_the_fly / "samples" / "0000003.png")
+    assert grid.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_two_process_torchrun_identical_weights_and_mean_loss(tmp_path):
+    """Both ranks end with the same weights; the logged loss is the mean of the ranks' losses."""
+    script = tmp_path / "run_rank.py"
+    script.write_text(
+        "import json, os, sys, torch\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import train\n"
+        "from engine.trainer import Trainer\n"
+        "args = train.build_parser().parse_args(sys.argv[1:])\n"
+        "trainer = Trainer(args)\n"
+        "seen = []\n"
+        "losses = trainer.objective.training_losses\n"
+        "def spy(*a, **k):\n"
+        "    out = losses(*a, **k)\n"
+        "    seen.append(out['loss'].mean().item())\n"
+        "    return out\n"
+        "trainer.objective.training_losses = spy\n"
+        "trainer.run()\n"
+        "rank = trainer.info.rank\n"
+        "torch.save(trainer.model.state_dict(), os.path.join(args.results_dir, f'rank{rank}.pt'))\n"
+        "json.dump(seen, open(os.path.join(args.results_dir, f'losses{rank}.json'), 'w'))\n"
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), *tiny_args(tmp_path, steps=3)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert_states_equal(w0, w1)
+    l0 = json.loads((tmp_path / "losses0.json").read_text())
+    l1 = json.loads((tmp_path / "losses1.json").read_text())
+    assert l0 != l1  # the ranks saw different data
+    logged = [r["loss"] for r in read_metrics(tmp_path)]
+    assert logged == pytest.approx([(a + b) / 2 for a, b in zip(l0, l1, strict=True)], rel=1e-5)
+
+
+BAD_INPUTS = [
+    (["--data-path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--image-size", "18"], "not divisible by 4"),
+    (["--model", "DiT-M/2"], "unknown model"),
+    (["--global-batch-size", "4096"], "fewer than one batch"),
+    (["--sampler", "ode"], "does not apply to DiT"),
+    (["--vae", "/nonexistent/vae"], "/nonexistent/vae"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, needle):
+    try:
+        code = train.main(tiny_args(tmp_path / "run", *extra))
+    except SystemExit as exit_:  # argparse rejects flags itself
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert needle in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_class_index_beyond_num_classes(tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("cat", "dog", "fox"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (20, 20), "red").save(tmp_path / "images" / name / "a.png")
+    args = tiny_args(
+        tmp_path / "run", "--data-path", str(tmp_path / "images"), "--num-classes", "2"
+    )
+    assert train.main(args) == 2
+    assert "--num-classes" in capsys.readouterr().err
+
+
+def test_empty_dataset_and_misspelled_flag(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train.main(tiny_args(tmp_path / "run", "--data-path", str(tmp_path / "empty"))) == 2
+    with pytest.raises(SystemExit) as exit_:
+        train.main(tiny_args(tmp_path / "run", "--ema-decy", "0.9"))
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --ema-decy" in capsys.readouterr().err
+
+
+def test_resume_from_a_different_model_is_refused(tmp_path, capsys):
+    assert train.main(tiny_args(tmp_path, steps=1)) == 0
+    before = checkpoint_at(tmp_path, 1)
+    code = train.main(tiny_args(tmp_path, "--attention", "vca", "--resume", steps=2))
+    assert code == 2
+    assert "different model" in capsys.readouterr().err
+    assert_states_equal(checkpoint_at(tmp_path, 1)["model"], before["model"])
+
+
+def test_cli_exit_code_in_a_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", *tiny_args(tmp_path, "--data-path", str(tmp_path / "no"))],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")

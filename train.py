@@ -1,0 +1,206 @@
+"""Train a DiT or SiT model (plain attention or VCA) in VAE latent space.
+
+    python train.py --data-path synthetic --model SiT-S/2 --attention vca --vae none ...
+    torchrun --nproc_per_node=8 train.py --data-path /data/imagenet/train --model DiT-XL/2 ...
+
+See README.md for the ImageNet, multi-node, latent-cache and resume recipes.
+"""
+
+import argparse
+import sys
+
+from data import DataError
+from engine.errors import UsageError
+from engine.sampling import add_objective_args, add_sampler_args
+from engine.trainer import NonFiniteLoss, Trainer
+from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name
+from models.codec import CodecError
+
+
+def model_name(value: str) -> str:
+    try:
+        parse_model_name(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--data-path",
+        required=True,
+        help="ImageFolder root (one folder per class), or 'synthetic' / 'synthetic:N' "
+        "for the built-in shapes dataset (10 classes, no download)",
+    )
+    g.add_argument("--image-size", type=int, default=256, help="image side in pixels (default 256)")
+    g.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="number of classes (default: from the dataset; 1000 for ImageNet)",
+    )
+    g.add_argument(
+        "--vae",
+        default="ema",
+        help="latent codec: ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local "
+        "AutoencoderKL directory, or none for pixel space (default ema)",
+    )
+    g.add_argument(
+        "--latent-cache",
+        metavar="DIR",
+        default=None,
+        help="encode the dataset once into DIR (posterior mean/std of each image and "
+        "its flip, all ranks in parallel) and train from it",
+    )
+    g.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
+
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        type=model_name,
+        default="DiT-S/2",
+        help=f"one of {', '.join(MODEL_NAMES)} (default DiT-S/2); DiT-* trains with "
+        "DDPM, SiT-* with an interpolant flow",
+    )
+    g.add_argument(
+        "--attention",
+        choices=list(ATTENTION_HELP),
+        default="mhsa",
+        help="; ".join(f"{k}: {v}" for k, v in ATTENTION_HELP.items()),
+    )
+    g.add_argument(
+        "--contrast-grid",
+        type=int,
+        default=8,
+        help="VCA: side of the pooled contrast-token grid (default 8: 64 tokens)",
+    )
+    g.add_argument(
+        "--stage2-softmax",
+        choices=["separate", "joint"],
+        default="separate",
+        help="VCA: two softmaxes over n tokens (paper) or one over 2n (default separate)",
+    )
+    g.add_argument(
+        "--dwc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="VCA: the 3x3 depthwise-conv branch on v (default on)",
+    )
+    g.add_argument(
+        "--learn-sigma",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="predict the variance channels too (default: on for DiT, off for SiT)",
+    )
+    g.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        help="recompute block activations in backward to save memory",
+    )
+    add_objective_args(parser)
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1400, help="epochs (default 1400, as DiT)")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop after this many optimizer steps (overrides --epochs)",
+    )
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=256,
+        help="batch size summed over all processes (default 256)",
+    )
+    g.add_argument("--global-seed", type=int, default=0, help="seed of everything (default 0)")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
+    g.add_argument(
+        "--grad-clip",
+        type=float,
+        default=0.0,
+        help="clip the gradient norm to this value (default 0: no clipping)",
+    )
+    g.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16", "fp16"],
+        default="fp32",
+        help="fp32, tf32 matmuls, or bf16/fp16 autocast (fp16 with loss scaling)",
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+    g = parser.add_argument_group("checkpoints, logs, previews")
+    g.add_argument(
+        "--results-dir",
+        default=None,
+        help="run folder for checkpoints, logs and previews (default results/<model>-<attention>)",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|PATH",
+        help="continue from a checkpoint; 'auto' (or the bare flag) takes the newest "
+        "complete one in --results-dir, starting fresh when there is none",
+    )
+    g.add_argument("--log-every", type=int, default=100, help="log every N steps (default 100)")
+    g.add_argument(
+        "--ckpt-every",
+        type=int,
+        default=50_000,
+        help="checkpoint every N steps, and at the end (default 50000)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=3,
+        help="checkpoints kept, newest first; 0 keeps all (default 3)",
+    )
+    g.add_argument(
+        "--sample-every",
+        type=int,
+        default=0,
+        help="draw a preview grid from the EMA model every N steps (default 0: never)",
+    )
+    g.add_argument("--preview-count", type=int, default=16, help="images in a preview grid")
+    g.add_argument(
+        "--preview-cfg",
+        type=float,
+        default=1.0,
+        help="guidance scale of the preview (default 1: none)",
+    )
+    add_sampler_args(parser)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.results_dir is None:
+        args.results_dir = f"results/{args.model.replace('/', '-')}-{args.attention}"
+    for flag in ("log_every", "ckpt_every", "global_batch_size", "image_size"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    try:
+        Trainer(args).run()
+    except (UsageError, DataError, CodecError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
