@@ -54,6 +54,18 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     )
 
 
+def _randn(like, generator):
+    """Noise shaped like `like`. A list of generators draws row i from generator[i % len] (on
+    that generator's device), so a sample's noise does not depend on the batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        rows = [_randn(row, generator[i % len(generator)]) for i, row in enumerate(like)]
+        return torch.stack(rows).to(like.device)
+    device = like.device if generator is None else generator.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(
+        like.device
+    )
+
+
 def _extract(arr, t, like):
     """arr[t] as a tensor that broadcasts against `like` (B, ...)."""
     dtype = torch.promote_types(like.dtype, torch.float32)
@@ -305,7 +317,7 @@ class GaussianDiffusion:
         """One ancestral step x_t -> x_{t-1}: dict of sample, pred_xstart. Noise is drawn at
         every step, the last included, so the random stream is ADM's."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _randn(x, generator)
         nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))  # no noise on the last step
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -332,7 +344,7 @@ class GaussianDiffusion:
             * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = _randn(x, generator)
         mean = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
             + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps

@@ -3,9 +3,9 @@
 Sample i gets its noise from (seed, i) and its label from (seed, i) or a seeded balanced
 permutation, so any number of processes, in any order, with restarts, produce one set.
 Shard k holds indices [k*S, (k+1)*S) and is written atomically, so a killed run loses at most
-the shards in flight; a rerun generates only the missing ones. Within a shard, images are drawn
-in batches of `batch_size`; the stochastic samplers (DDPM, SDE) seed their per-step noise from
-(seed, first index of the batch), so with them the set also depends on the batch size.
+the shards in flight; a rerun generates only the missing ones. The stochastic samplers (DDPM,
+SDE) draw each sample's per-step noise from its own generator, so the batch size does not
+matter either.
 
 The merged `samples.npz` is ADM's layout: `arr_0` uint8 (N, H, W, 3), `arr_1` int64 labels,
 streamed into an uncompressed zip so 50,000 images at 256 px never sit in memory at once.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .errors import UsageError
 from .images import to_uint8
-from .sampling import generate, index_labels, index_noise
+from .sampling import generate, index_generators, index_labels, index_noise
 
 
 def sample_labels(indices, seed: int, num_classes: int, num_samples: int, protocol: str):
@@ -93,7 +93,6 @@ def generate_sample_set(
     ]
     latent = loaded.image_size // codec.downsample
     shape = (codec.latent_channels, latent, latent)
-    device = next(loaded.model.parameters()).device
     bar = tqdm(
         total=sum(_shard_len(k, num_samples, shard_size) for k in todo),
         disable=not progress,
@@ -108,7 +107,6 @@ def generate_sample_set(
             indices = range(lo, min(lo + batch_size, stop))
             y = sample_labels(indices, seed, loaded.num_classes, num_samples, labels)
             noise = index_noise(indices, seed, shape)
-            generator = torch.Generator(device).manual_seed(seed * 1_000_003 + lo)
             out = generate(
                 loaded.model,
                 objective,

@@ -1,9 +1,9 @@
 """The one sampling function. It draws the training preview grid, the `sample.py` grid and the
 FID samples, for DDPM (DiT) and interpolant-flow (SiT) objectives alike.
 
-Noise and labels are keyed to each sample's global index, so a sample does not depend on the
-batch it was drawn in, the number of processes, or restarts (for the deterministic samplers:
-DDIM and ODE; DDPM and SDE also draw per-step noise from the batch's generator).
+Noise, labels and the per-step noise of the stochastic samplers (DDPM, SDE) are keyed to each
+sample's global index, so a sample does not depend on the batch it was drawn in, the number of
+processes, or restarts.
 """
 
 import argparse
@@ -220,6 +220,12 @@ def index_noise(indices, seed: int, shape: tuple) -> torch.Tensor:
     return out
 
 
+def index_generators(indices, seed: int) -> list[torch.Generator]:
+    """One CPU generator per sample for the samplers' per-step noise (row i of a batch draws from
+    generator i), keyed to (seed, index) like the initial noise."""
+    return [torch.Generator().manual_seed(_seed_for(seed, int(i), 2)) for i in indices]
+
+
 def index_labels(indices, seed: int, num_classes: int) -> torch.Tensor:
     """Uniform-random class labels keyed to the sample index (DiT/ADM's protocol)."""
     labels = [
@@ -253,14 +259,15 @@ def generate(
     *,
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
     """Images in [-1, 1], (B, 3, H, W), for `labels` from latent `noise`.
 
     cfg_scale > 1 doubles the batch with the null class (index num_classes) and guides through
-    the model's `forward_with_cfg`.
+    the model's `forward_with_cfg`. `generator` drives DDPM/SDE noise: one generator, or one per
+    sample (`index_generators`) to make each sample independent of its batch.
     """
     device = next(model.parameters()).device
     noise, labels = noise.to(device), labels.to(device)

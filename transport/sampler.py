@@ -46,7 +46,12 @@ def bits_per_dim(logp, x):
 
 def _randn(like, generator):
     """Normal noise shaped like `like`, drawn on the generator's device (a CPU generator gives
-    the same numbers whatever device the samples live on)."""
+    the same numbers whatever device the samples live on). A list of generators draws row i
+    from generator[i % len], so a sample's noise does not depend on the batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack(
+            [_randn(row, generator[i % len(generator)]) for i, row in enumerate(like)]
+        )
     device = like.device if generator is None else generator.device
     z = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
     return z.to(like.device)
