@@ -116,7 +116,7 @@ def generate_sample_set(
                 noise,
                 cfg_scale=cfg_scale,
                 cfg_channels=cfg_channels,
-                generator=generator,
+                generator=index_generators(indices, seed),
                 precision=precision,
             )
             images.append(to_uint8(out))
