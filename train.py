@@ -131,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--precision",
-        choices=["fp32", "tf32", "bf16", "fp16"],
-        default="fp32",
-        help="fp32, tf32 matmuls, or bf16/fp16 autocast (fp16 with loss scaling)",
+        choices=["auto", "fp32", "tf32", "bf16", "fp16"],
+        default="auto",
+        help="auto (bf16 autocast on GPUs, fp32 on CPUs), fp32, tf32 matmuls, or bf16/fp16 "
+        "autocast (fp16 with loss scaling); TF32 is on for GPU matmuls unless fp32",
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

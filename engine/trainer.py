@@ -120,7 +120,9 @@ class Trainer:
         self.device = self.info.device
         self.log = RunLogger(args.results_dir, enabled=self.info.is_main)
         self.stop_requested = False
-        if args.precision == "tf32":
+        if args.precision == "auto":
+            args.precision = "bf16" if self.device.type == "cuda" else "fp32"
+        if args.precision != "fp32" and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         world = self.info.world_size
