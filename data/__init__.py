@@ -1,7 +1,7 @@
 """Image datasets (ImageFolder with ADM's centre crop, built-in synthetic shapes), latent cache."""
 
 from .errors import DataError
-from .images import ImageFolderDataset, center_crop_arr
+from .images import ImageFolderDataset, center_crop_arr, iter_folder_images
 from .latent_cache import LatentCacheDataset, build_latent_cache
 from .synthetic import SyntheticShapes
 
@@ -13,6 +13,7 @@ __all__ = [
     "build_dataset",
     "build_latent_cache",
     "center_crop_arr",
+    "iter_folder_images",
 ]
 
 

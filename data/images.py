@@ -90,3 +90,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DataError(
                 f"{len(paths)} unreadable image(s) under {self.root}: {', '.join(paths)}"
             )
+
+
+def iter_folder_images(root: str, image_size: int, batch_size: int):
+    """uint8 (B, S, S, 3) batches of every image under `root` (class folders or flat), in sorted
+    path order, centre-cropped as in training: the input of reference statistics."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root} does not exist")
+    paths = [
+        os.path.join(dirpath, name)
+        for dirpath, _, names in sorted(os.walk(root, followlinks=True))
+        for name in sorted(names)
+        if name.lower().endswith(EXTENSIONS)
+    ]
+    if not paths:
+        raise DataError(f"no images ({', '.join(EXTENSIONS)}) under {root}")
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        yield np.stack([center_crop_arr(read_rgb(p), image_size) for p in chunk])

@@ -178,41 +178,6 @@ def merge_shards(folder: str, num_samples: int, shard_size: int, out_path: str) 
     os.replace(tmp, out_path)
 
 
-def iter_npz_images(path: str, batch_size: int, key: str = "arr_0"):
-    """Yield uint8 (B, H, W, 3) batches of `key` from an npz (compressed or not) without loading
-    the whole array; checks dtype and shape first."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as err:
-        raise UsageError(f"cannot read sample file {path!r}: {err}") from err
-    with archive, archive.open(f"{key}.npy") as member:
-        shape, fortran, dtype = _read_header(member)
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran:
-            raise UsageError(
-                f"{path}: {key} is {dtype} with shape {shape}; samples must be uint8 N x H x W x 3 "
-                "(NHWC, as DiT's and ADM's sample files)"
-            )
-        row = int(np.prod(shape[1:]))
-        for lo in range(0, shape[0], batch_size):
-            count = min(batch_size, shape[0] - lo)
-            data = member.read(count * row)
-            yield np.frombuffer(data, dtype=np.uint8).reshape(count, *shape[1:])
-
-
-def _read_header(member):
-    version = np.lib.format.read_magic(member)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(member)
-    return np.lib.format.read_array_header_2_0(member)
-
-
-def npz_count(path: str, key: str = "arr_0") -> tuple:
-    """Shape of `key` in an npz, read from its header only."""
-    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as member:
-        shape, _, _ = _read_header(member)
-    return shape
-
-
 def write_settings(folder: str, settings: dict) -> None:
     """Refuse to mix shards drawn with other settings into one set."""
     path = os.path.join(folder, "settings.json")

@@ -1,0 +1,225 @@
+"""Attention benchmark: forward and forward+backward time and peak memory of one attention layer
+(qkv projection, token mixing, output projection), MHSA against VCA, at several token counts.
+
+    python -m bench.attention                      # CPU: S and XL widths, N = 256, 1024, 4096
+    python -m bench.attention --device cuda        # GPU rows, bf16
+
+Timings alternate between the attentions inside one run, so the ratios are side by side.
+Peak memory is torch's allocator peak on CUDA; on CPU (Linux) it is the growth of the peak
+resident set of a fresh process running the layer once (CPU has no allocator statistics).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from models import WIDTHS
+from models.attention import build_attention
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def make_layer(kind, width, tokens, device, dtype):
+    _, hidden, heads = WIDTHS[width]
+    side = int(round(tokens**0.5))
+    if side * side != tokens:
+        raise ValueError(f"token count {tokens} is not a square grid")
+    layer = build_attention(kind, hidden, heads, (side, side), layer_index=0)
+    return layer.to(device=device, dtype=dtype), hidden
+
+
+def run_once(layer, x, backward):
+    if backward:
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).float().square().mean().backward()
+    else:
+        with torch.no_grad():
+            layer(x)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_side_by_side(layers, x, backward, reps, device):
+    """Median seconds per call for each layer, the layers taking turns within every repetition."""
+    for layer in layers.values():
+        run_once(layer, x, backward)  # warm-up
+    times = {kind: [] for kind in layers}
+    for _ in range(reps):
+        for kind, layer in layers.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run_once(layer, x, backward)
+            synchronize(device)
+            times[kind].append(time.perf_counter() - start)
+    return {kind: statistics.median(t) for kind, t in times.items()}
+
+
+def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward):
+    """Peak memory (MB) that one call adds on top of the layer and its input."""
+    if device.type == "cuda":
+        layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name])
+        x = torch.randn(batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
+        x.requires_grad_(backward)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_once(layer, x, backward)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.attention",
+        "--memory-probe",
+        kind,
+        width,
+        str(tokens),
+        str(batch),
+        dtype_name,
+        str(int(backward)),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_probe(kind, width, tokens, batch, dtype_name, backward):
+    """Runs in a fresh process: growth of the peak resident set (MB) over one call. Linux resets
+    the high-water mark on writing 5 to clear_refs, so earlier peaks (imports) do not hide it."""
+    layer, hidden = make_layer(kind, width, tokens, torch.device("cpu"), DTYPES[dtype_name])
+    x = torch.randn(batch, tokens, hidden, dtype=DTYPES[dtype_name], requires_grad=bool(backward))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = resident_kb("VmHWM")
+    run_once(layer, x, bool(backward))
+    print((resident_kb("VmHWM") - before) / 1024)
+
+
+def resident_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.attention",
+        description="Time and memory of one attention layer, MHSA against VCA (and others).",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)",
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["mhsa", "vca"],
+        help="mixers to compare; the first is the baseline",
+    )
+    parser.add_argument(
+        "--widths", nargs="+", default=["S", "XL"], choices=WIDTHS, help="model widths"
+    )
+    parser.add_argument(
+        "--tokens",
+        nargs="+",
+        type=int,
+        default=[256, 1024, 4096],
+        help="token counts N (square grids)",
+    )
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument(
+        "--reps", type=int, default=5, help="timed repetitions per cell; the median is kept"
+    )
+    parser.add_argument(
+        "--no-memory", action="store_true", help="skip the peak-memory measurements"
+    )
+    parser.add_argument(
+        "--out", default="bench/results/attention.json", help="where to write the JSON rows"
+    )
+    parser.add_argument("--memory-probe", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_probe:
+        kind, width, tokens, batch, dtype_name, backward = args.memory_probe
+        memory_probe(kind, width, int(tokens), int(batch), dtype_name, int(backward))
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    base = args.attention[0]
+
+    rows = []
+    header = ["width", "N", "pass"] + [f"{k} ms" for k in args.attention]
+    header += [f"{k}/{base}" for k in args.attention[1:]]
+    if not args.no_memory:
+        header += [f"{k} MB" for k in args.attention]
+    setting = f"{dtype_name}, batch {args.batch}, torch {torch.__version__}"
+    print(f"device: {device_name(device)}, {setting}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for width in args.widths:
+        for tokens in args.tokens:
+            layers = {}
+            for kind in args.attention:
+                layers[kind], hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name])
+            x = torch.randn(args.batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
+            for backward in (False, True):
+                x.requires_grad_(backward)
+                seconds = time_side_by_side(layers, x, backward, args.reps, device)
+                row = {
+                    "width": width,
+                    "tokens": tokens,
+                    "pass": "fwd+bwd" if backward else "fwd",
+                    "batch": args.batch,
+                    "dtype": dtype_name,
+                    "device": device_name(device),
+                    "ms": {k: 1000 * s for k, s in seconds.items()},
+                    "speedup_vs_" + base: {
+                        k: seconds[base] / seconds[k] for k in args.attention[1:]
+                    },
+                }
+                cells = [width, str(tokens), row["pass"]] + [
+                    f"{row['ms'][k]:.2f}" for k in args.attention
+                ]
+                cells += [f"{seconds[base] / seconds[k]:.2f}x faster" for k in args.attention[1:]]
+                if not args.no_memory:
+                    row["peak_mb"] = {
+                        k: peak_memory_mb(
+                            k, width, tokens, args.batch, device, dtype_name, backward
+                        )
+                        for k in args.attention
+                    }
+                    cells += [f"{row['peak_mb'][k]:.0f}" for k in args.attention]
+                print("| " + " | ".join(cells) + " |", flush=True)
+                rows.append(row)
+            del layers, x
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"argv": sys.argv[1:], "torch": torch.__version__, "rows": rows}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
