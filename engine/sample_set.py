@@ -5,7 +5,8 @@ permutation, so any number of processes, in any order, with restarts, produce on
 Shard k holds indices [k*S, (k+1)*S) and is written atomically, so a killed run loses at most
 the shards in flight; a rerun generates only the missing ones. The stochastic samplers (DDPM,
 SDE) draw each sample's per-step noise from its own generator, so the batch size does not
-matter either.
+matter either, except for the adaptive ODE solver (dopri5), whose steps follow the error of the
+whole batch: keep `--batch-size` fixed across reruns with it, or use a fixed-step ODE method.
 
 The merged `samples.npz` is ADM's layout: `arr_0` uint8 (N, H, W, 3), `arr_1` int64 labels,
 streamed into an uncompressed zip so 50,000 images at 256 px never sit in memory at once.

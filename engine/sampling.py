@@ -3,7 +3,9 @@ FID samples, for DDPM (DiT) and interpolant-flow (SiT) objectives alike.
 
 Noise, labels and the per-step noise of the stochastic samplers (DDPM, SDE) are keyed to each
 sample's global index, so a sample does not depend on the batch it was drawn in, the number of
-processes, or restarts.
+processes, or restarts. One exception: the adaptive ODE solver (dopri5) picks its steps from the
+error of the whole batch, so its samples depend on the batch size (not on the number of
+processes); fixed-step ODE methods do not.
 """
 
 import argparse
@@ -113,7 +115,10 @@ def objective_config(args: argparse.Namespace) -> dict:
         "train_eps",
         "sample_eps",
     )
-    return {k: getattr(args, k) for k in keys}
+    config = {k: getattr(args, k) for k in keys}
+    learn_sigma = getattr(args, "learn_sigma", None)
+    config["learn_sigma"] = True if learn_sigma is None else learn_sigma
+    return config
 
 
 def add_sampler_args(parser: argparse.ArgumentParser) -> None:
