@@ -1,0 +1,33 @@
+"""Shared fixtures: a random-weight Inception saved as a weights file (the real one cannot be
+downloaded here), loaded through the same `weights_path` route real offline runs use."""
+
+import functools
+from unittest import mock
+
+import pytest
+import torch
+from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+from metrics import WEIGHTS_FILE
+
+
+@pytest.fixture(scope="session")
+def weights_file(tmp_path_factory):
+    """torch-fidelity's constructor always loads weights: give it an empty, non-strict load (and no
+    download), give the convolutions a ReLU-preserving init so 90 layers neither vanish nor blow
+    up, widen the classifier so softmaxes are peaked, and save the result as a weights file."""
+    torch.manual_seed(0)
+    non_strict = functools.partialmethod(torch.nn.Module.load_state_dict, strict=False)
+    with (
+        mock.patch.object(tfi, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(tfi.FeatureExtractorInceptionV3, "load_state_dict", non_strict),
+    ):
+        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(model.fc.weight, std=2.0)
+    torch.nn.init.normal_(model.fc.bias, std=1.0)  # large, so leaving it out is visible
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILE
+    torch.save(model.state_dict(), path)
+    return path
