@@ -34,6 +34,7 @@ from metrics import (
     npz_array_info,
     write_reference,
 )
+from metrics.demo_classifier import demo_metrics, load_or_train
 from models.codec import CodecError
 
 
@@ -71,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ref",
         default=None,
         help="reference statistics .npz in ADM's layout (mu, sigma, mu_s, sigma_s, arr_0), e.g. "
-        "VIRTUAL_imagenet256_labeled.npz; without it only the samples are drawn",
+        "VIRTUAL_imagenet256_labeled.npz, or 'synthetic' for models of the built-in shapes: a "
+        "small classifier's class accuracy and Frechet distance in its feature space (no "
+        "download); without --ref only the samples are drawn",
     )
     g.add_argument(
         "--samples",
@@ -190,10 +193,16 @@ def run_evaluation(args, samples_path: str, settings: dict) -> dict:
         )
     if args.num_samples and args.samples is None and shape[0] != args.num_samples:
         raise MetricsError(f"{samples_path} holds {shape[0]} images, not {args.num_samples}")
-    reference = load_reference(args.ref)
-    extractor = InceptionFeatures(args.inception_weights, device=device_for(args))
-    batches = iter_npz_array(samples_path, batch_size=args.eval_batch_size)
-    result = evaluate(batches, reference, extractor, progress=sys.stderr.isatty())
+    if args.ref == "synthetic":
+        scorer = load_or_train(shape[1], settings.get("num_classes") or 10)
+        images = iter_npz_array(samples_path, "arr_0", args.eval_batch_size)
+        labels = iter_npz_array(samples_path, "arr_1", args.eval_batch_size)
+        result = demo_metrics(zip(images, labels, strict=True), scorer)
+    else:
+        reference = load_reference(args.ref)
+        extractor = InceptionFeatures(args.inception_weights, device=device_for(args))
+        batches = iter_npz_array(samples_path, batch_size=args.eval_batch_size)
+        result = evaluate(batches, reference, extractor, progress=sys.stderr.isatty())
     report = {"samples": samples_path, "reference": args.ref, **settings, "metrics": result}
     json_path = args.json or os.path.splitext(samples_path)[0] + "-metrics.json"
     with open(json_path + ".tmp", "w") as f:
@@ -210,11 +219,16 @@ def print_table(result: dict, json_path: str) -> None:
         "inception_score": "Inception Score",
         "precision": "Precision",
         "recall": "Recall",
+        "class_accuracy": "class accuracy (demo classifier)",
+        "real_accuracy": "class accuracy of real images",
+        "frechet_distance": "Frechet distance (demo classifier features)",
         "num_samples": "samples",
     }
     print("| metric | value |\n|---|---|")
     for key, name in names.items():
-        value = result.get(key)
+        if key not in result:
+            continue
+        value = result[key]
         text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else value)
         print(f"| {name} | {text} |")
     print(f"results: {json_path}")
