@@ -158,3 +158,18 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, weights_file, ca
         assert evaluate_fid.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_synthetic_reference_scores_with_the_demo_classifier(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("VCA_DIT_CACHE", str(tmp_path / "cache"))
+    folder, out_json = tmp_path / "samples", tmp_path / "demo.json"
+    argv = sample_args(checkpoint, folder, "--ref", "synthetic", "--json", str(out_json))
+    assert evaluate_fid.main(argv) == 0
+    result = json.loads(out_json.read_text())["metrics"]
+    from metrics.demo_classifier import load_or_train
+
+    images, labels = load_samples(folder)
+    logits, _ = load_or_train(16, 5)(images)
+    assert result["class_accuracy"] == pytest.approx(float(np.mean(logits.argmax(1) == labels)))
+    assert result["num_samples"] == 10 and result["frechet_distance"] > 0
+    assert result["real_accuracy"] > 0.9
