@@ -1,0 +1,121 @@
+"""Helpers shared by the training-step and sampling benchmarks: the VAE they run, fair timing of
+several configurations side by side, device facts, and the markdown/JSON output."""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from models.codec import VAECodec, load_codec
+
+# Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json): random weights cost exactly what
+# the real ones do, so the benchmarks need no download. "tiny" keeps the 8x downsampling for tests.
+VAE_CONFIGS = {
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    "tiny": dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4),
+}
+
+
+def add_vae_args(parser) -> None:
+    parser.add_argument(
+        "--vae",
+        default=None,
+        help="ema, mse or a saved AutoencoderKL folder, loaded by models.codec.load_codec "
+        "(default: the SD VAE architecture with random weights; same compute, no download)",
+    )
+    parser.add_argument(
+        "--random-vae",
+        choices=list(VAE_CONFIGS),
+        default="sd",
+        help="architecture of the random VAE when --vae is not given: sd (default) or tiny "
+        "(a 4-level toy for tests)",
+    )
+
+
+def add_compile_args(parser) -> None:
+    parser.add_argument("--no-compile", action="store_true", help="fast mode without torch.compile")
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the fast mode (default inductor; eager or aot_eager "
+        "trace the model without generating kernels, to check the path quickly)",
+    )
+
+
+def compile_setting(args):
+    """The fast mode's compile backend, or False for none (as recorded in the JSON)."""
+    return False if args.no_compile else args.compile_backend
+
+
+def build_codec(args, device, dtype=torch.float32, seed: int = 0) -> VAECodec:
+    """The VAE codec in `dtype`; a random one is seeded so every mode holds the same weights."""
+    if args.vae:
+        return load_codec(args.vae, device, dtype)
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        sample_size=256,
+        scaling_factor=0.18215,
+        **VAE_CONFIGS[args.random_vae],
+    )
+    return VAECodec(vae, f"random-{args.random_vae}", device, dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(runs: dict, reps: int, device: torch.device) -> dict:
+    """Median seconds of each callable in `runs`, the callables taking turns within every
+    repetition so a noisy machine slows them alike. Warm-up is the caller's."""
+    times = {key: [] for key in runs}
+    for _ in range(reps):
+        for key, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def cpu_bf16_is_native() -> bool:
+    """oneDNN runs bf16 with native instructions (AVX512-BF16 or AMX) on this CPU; without them
+    it emulates bf16 and autocast is slower than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def default_precision(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_bf16_is_native() else "fp32"
+
+
+def print_table(header: list, rows: list) -> None:
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for cells in rows:
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")

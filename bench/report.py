@@ -1,0 +1,139 @@
+"""Collects the benchmark JSON files into one markdown page and a bar chart of the speed ratios.
+
+    python -m bench.report                  # bench/results/*.json -> README.md, speedups.png
+
+Every ratio is measured inside one run (the configurations alternate), so it holds on a noisy
+machine where the absolute times do not.
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from engine.images import save_png
+
+from . import sampling, train_step
+
+BENCHMARKS = ("attention", "train_step", "sampling")
+TITLES = {
+    "attention": "Attention layer: MHSA against VCA",
+    "train_step": "Training step: original DiT recipe (reference) against ours (fast)",
+    "sampling": "Sampling, VAE decode included: sample.py recipe (reference) against ours (fast)",
+}
+
+
+def attention_table(payload: dict) -> tuple[list, list]:
+    rows = payload["rows"]
+    kinds = list(rows[0]["ms"])
+    base = kinds[0]
+    header = ["width", "N", "pass", "dtype"] + [f"{k} ms" for k in kinds]
+    header += [f"{k} vs {base}" for k in kinds[1:]]
+    cells = []
+    for row in rows:
+        speed = row["speedup_vs_" + base]
+        cells.append(
+            [row["width"], str(row["tokens"]), row["pass"], row["dtype"]]
+            + [f"{row['ms'][k]:.2f}" for k in kinds]
+            + [f"{speed[k]:.2f}x" for k in kinds[1:]]
+        )
+    return header, cells
+
+
+TABLES = {
+    "attention": attention_table,
+    "train_step": train_step.table,
+    "sampling": sampling.table,
+}
+
+
+def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
+    """(label, ratio) bars: fast against reference, and each mixer against the first."""
+    bars, first = [], payload["rows"][0].get("attention")
+    for row in payload["rows"]:
+        if name == "attention":
+            for kind, value in row["speedup_vs_" + next(iter(row["ms"]))].items():
+                bars.append((f"attn {row['width']} N={row['tokens']} {row['pass']} {kind}", value))
+            continue
+        if row["mode"] != "fast":
+            continue
+        what = "train" if name == "train_step" else f"sample {row['sampler']}"
+        label = f"{what} {row['model']} {row['attention']}"
+        bars.append((f"{label}: fast vs reference", row["speedup_vs_reference"]))
+        if row.get("speed_vs_first_attention", 1.0) != 1.0:
+            bars.append((f"{label} vs {first} (fast)", row["speed_vs_first_attention"]))
+    return bars
+
+
+def bar_chart(bars: list[tuple[str, float]], path: str, title: str) -> None:
+    """Horizontal bars on a log2 axis, a line at 1x (no change); Pillow only."""
+    row_h, left, right, top = 22, 330, 80, 40
+    width, height = left + 420 + right, top + row_h * len(bars) + 40
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 10), title, fill="black")
+    span = max(1.0, max(abs(np.log2(v)) for _, v in bars))
+    scale = 200 / span  # pixels per doubling
+    origin = left + 210
+    for i, (label, value) in enumerate(bars):
+        y = top + i * row_h
+        end = origin + scale * np.log2(value)
+        colour = (44, 160, 44) if value >= 1 else (214, 39, 40)
+        draw.rectangle([min(origin, end), y + 4, max(origin, end), y + row_h - 4], fill=colour)
+        draw.text((10, y + 5), label, fill="black")
+        draw.text((left + 430, y + 5), f"{value:.2f}x", fill="black")
+    bottom = top + row_h * len(bars)
+    draw.line([origin, top - 4, origin, bottom + 4], fill="black")
+    draw.text((origin - 8, bottom + 8), "1x", fill="black")
+    draw.text((origin + scale - 8, bottom + 8), "2x", fill="black")
+    draw.text((origin - scale - 12, bottom + 8), "0.5x", fill="black")
+    save_png(np.asarray(image), path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report",
+        description="Markdown tables and a PNG bar chart from the benchmarks' JSON files.",
+    )
+    parser.add_argument(
+        "--dir", default="bench/results", help="folder of <benchmark>.json (default bench/results)"
+    )
+    args = parser.parse_args(argv)
+
+    lines, bars = ["# Benchmark results", ""], []
+    lines += [
+        "Ratios are measured side by side in one run; absolute times depend on the machine's load."
+        " Regenerate with `make bench`.",
+        "",
+        "![speed ratios](speedups.png)",
+        "",
+    ]
+    found = False
+    for name in BENCHMARKS:
+        path = os.path.join(args.dir, f"{name}.json")
+        if not os.path.exists(path):
+            continue
+        found = True
+        with open(path) as f:
+            payload = json.load(f)
+        header, cells = TABLES[name](payload)
+        lines += [f"## {TITLES[name]}", "", f"Device: {payload.get('device', '?')}, torch "]
+        lines[-1] += f"{payload['torch']}; command: `python -m bench.{name} "
+        lines[-1] += " ".join(payload["argv"]) + "`"
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        lines.append("")
+        bars += ratios(name, payload)
+    if not found:
+        parser.exit(2, f"error: no benchmark JSON in {args.dir}; run the benchmarks first\n")
+    chart = os.path.join(args.dir, "speedups.png")
+    bar_chart(bars, chart, "speed ratio (log scale): fast vs reference, VCA vs MHSA")
+    with open(os.path.join(args.dir, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"wrote {os.path.join(args.dir, 'README.md')} and {chart}")
+
+
+if __name__ == "__main__":
+    main()

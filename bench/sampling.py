@@ -1,0 +1,293 @@
+"""Sampling benchmark: images/s of DiT's DDPM with classifier-free guidance and of SiT's SDE and
+ODE samplers, DiT/SiT's sample.py recipe (`reference`) against ours (`fast`), side by side.
+
+    python -m bench.sampling                          # CPU: S/2 models, 256 px, 25 steps
+    python -m bench.sampling --device cuda --dit-model DiT-XL/2 --sit-model SiT-XL/2 --batch 32
+
+reference: fp32 (TF32 on GPU), no compile, fp32 VAE; cond/uncond in one batch (as sample.py).
+fast:      autocast (bf16 where it is native), torch.compile'd model, VAE in the same precision.
+Every image is drawn by engine.sampling.generate, and the VAE decode is part of the timed work:
+images/s is images in [-1, 1] out per second from noise in. Both modes start from the same noise
+and per-step noise (index_noise, index_generators), so the fast images are compared with the
+fp32 ones: max abs difference and PSNR (range [-1, 1], peak-to-peak 2).
+
+DiT zero-initialises its output and adaLN layers, so a fresh network predicts zeros and both
+modes would agree trivially; the zero-initialised weights are drawn from N(0, 0.02) instead.
+"""
+
+import argparse
+import copy
+import math
+import sys
+
+import torch
+
+from engine.sampling import (
+    add_sampler_args,
+    generate,
+    index_generators,
+    index_labels,
+    index_noise,
+    sampler_from_args,
+    sampling_objective,
+)
+from models import ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
+
+from .common import (
+    add_compile_args,
+    add_vae_args,
+    build_codec,
+    compile_setting,
+    default_precision,
+    device_name,
+    print_table,
+    time_side_by_side,
+    write_json,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sampler_spec(family: str, method: str, steps: int, ode_method: str):
+    """The spec that sample.py would build from these flags (same parser, same validation)."""
+    parser = argparse.ArgumentParser()
+    add_sampler_args(parser)
+    flags = ["--sampler", method, "--num-sampling-steps", str(steps), "--ode-method", ode_method]
+    return sampler_from_args(family, parser.parse_args(flags))
+
+
+def random_model(name: str, attention: str, side: int, channels: int, seed: int):
+    """A model whose zero-initialised weights are made non-zero, so its output is not zero."""
+    torch.manual_seed(seed)
+    model = create_model(name, attention=attention, input_size=side, in_channels=channels)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def closeness(fast: torch.Tensor, reference: torch.Tensor) -> dict:
+    fast, reference = fast.clamp(-1, 1).double(), reference.clamp(-1, 1).double()
+    mse = (fast - reference).square().mean().item()
+    return {
+        "max_abs_diff": (fast - reference).abs().max().item(),
+        "psnr_db": 10 * math.log10(4 / mse) if mse > 0 else math.inf,
+    }
+
+
+def table(payload: dict) -> tuple[list, list]:
+    """Markdown header and cells of a result payload (also used by bench.report)."""
+    header = ["sampler", "model", "attention", "mode", "precision", "compile", "batch"]
+    header += ["s/batch", "img/s", "vs reference", "max abs diff", "PSNR dB"]
+    cells = []
+    for row in payload["rows"]:
+        s, fast = row["settings"], row["mode"] == "fast"
+        method = row["sampler"]
+        if method == "ode":
+            method += f" {row['spec']['sampling_method']}"
+        cells.append(
+            [
+                f"{method}, {row['steps']} steps, cfg {row['cfg_scale']}",
+                f"{row['model']} {row['image_size']}px",
+                row["attention"],
+                row["mode"],
+                s["precision"] + (" (TF32)" if s["tf32"] and s["precision"] == "fp32" else ""),
+                s["compile"] or "no",
+                str(row["batch"]),
+                f"{row['seconds']:.2f}",
+                f"{row['images_per_s']:.3f}",
+                f"{row['speedup_vs_reference']:.2f}x",
+                f"{row['max_abs_diff']:.3g}" if fast else "-",
+                f"{row['psnr_db']:.1f}" if fast else "-",
+            ]
+        )
+    return header, cells
+
+
+class Drawer:
+    """Draws one batch with one mode's model and codec; the images of the last call are kept."""
+
+    def __init__(self, model, codec, family, spec, precision, args, noise, labels):
+        self.model, self.codec, self.family, self.spec = model, codec, family, spec
+        self.precision, self.args, self.noise, self.labels = precision, args, noise, labels
+        self.images = None
+
+    def __call__(self, spec=None):
+        spec = spec or self.spec
+        self.images = generate(
+            self.model,
+            sampling_objective(self.family, {}, spec),
+            spec,
+            self.codec,
+            self.labels,
+            self.noise,
+            cfg_scale=self.args.cfg_scale,
+            generator=index_generators(range(len(self.labels)), self.args.seed),
+            precision=self.precision,
+        )
+
+
+def measure(args, method, kind, steps, settings, codecs, device) -> list[dict]:
+    """Both modes of one sampler and token mixer: warm-up (compiles), then alternated calls."""
+    name = args.dit_model if method in ("ddpm", "ddim") else args.sit_model
+    family = parse_model_name(name)[0]
+    spec = sampler_spec(family, method, steps, args.ode_method)
+    warm_spec = sampler_spec(family, method, 2, args.ode_method)
+    side = args.image_size // codecs["reference"].downsample
+    channels = codecs["reference"].latent_channels
+    noise = index_noise(range(args.batch), args.seed, (channels, side, side))
+    labels = index_labels(range(args.batch), args.seed, 1000)
+    base = random_model(name, kind, side, channels, args.seed).to(device)
+    drawers = {}
+    for mode in settings:
+        model = base if mode == "reference" else copy.deepcopy(base)
+        if settings[mode]["compile"]:
+            model.forward = torch.compile(model.forward, backend=settings[mode]["compile"])
+        precision = settings[mode]["precision"]
+        drawers[mode] = Drawer(model, codecs[mode], family, spec, precision, args, noise, labels)
+    warmup = {
+        mode: time_side_by_side({mode: lambda d=d: d(warm_spec)}, 1, device)[mode]
+        for mode, d in drawers.items()
+    }
+    seconds = time_side_by_side(drawers, args.reps, device)
+    close = closeness(drawers["fast"].images, drawers["reference"].images)
+    return [
+        {
+            "sampler": method,
+            "model": name,
+            "attention": kind,
+            "mode": mode,
+            "spec": spec.describe(),
+            "steps": steps,
+            "cfg_scale": args.cfg_scale,
+            "image_size": args.image_size,
+            "batch": args.batch,
+            "settings": settings[mode],
+            "seconds": seconds[mode],
+            "warmup_s": warmup[mode],
+            "images_per_s": args.batch / seconds[mode],
+            "speedup_vs_reference": seconds["reference"] / seconds[mode],
+            **(close if mode == "fast" else {}),
+        }
+        for mode in settings
+    ]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sampling",
+        description="Images/s of the DDPM (DiT), SDE and ODE (SiT) samplers, VAE decode "
+        "included: the reference sample.py recipe against ours (fast), side by side, and how "
+        "far the fast images are from the fp32 ones.",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument(
+        "--dit-model",
+        default="DiT-S/2",
+        choices=MODEL_NAMES,
+        metavar="NAME",
+        help="model for ddpm/ddim (default DiT-S/2)",
+    )
+    parser.add_argument(
+        "--sit-model",
+        default="SiT-S/2",
+        choices=MODEL_NAMES,
+        metavar="NAME",
+        help="model for sde/ode (default SiT-S/2)",
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["mhsa"],
+        choices=ATTENTIONS,
+        help="token mixers to measure (default: mhsa)",
+    )
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["ddpm", "sde", "ode"],
+        choices=["ddpm", "ddim", "sde", "ode"],
+        help="samplers to measure (default: ddpm sde ode)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps of every sampler (default: 250 on CUDA, as DiT/SiT; 25 on CPU)",
+    )
+    parser.add_argument(
+        "--ode-method",
+        default="euler",
+        help="ODE method: a fixed-step one (euler, heun, midpoint, rk4) keeps the work equal "
+        "across modes; dopri5 adapts its steps to the precision (default euler)",
+    )
+    parser.add_argument(
+        "--cfg-scale", type=float, default=4.0, help="guidance scale (default 4.0, as sample.py)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="image side in pixels (default 256)"
+    )
+    parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    parser.add_argument(
+        "--reps", type=int, default=1, help="timed calls per mode; the median is kept (1)"
+    )
+    parser.add_argument(
+        "--fast-precision",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="autocast precision of the fast mode (default: bf16 on CUDA and on CPUs with "
+        "native bf16, else fp32)",
+    )
+    add_compile_args(parser)
+    parser.add_argument("--seed", type=int, default=0, help="weights and noise seed (default 0)")
+    parser.add_argument(
+        "--out", default="bench/results/sampling.json", help="where to write the JSON"
+    )
+    add_vae_args(parser)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    steps = args.steps or (250 if device.type == "cuda" else 25)
+    precision = args.fast_precision or default_precision(device)
+    settings = {
+        "reference": {"precision": "fp32", "tf32": device.type == "cuda", "compile": False},
+        "fast": {
+            "precision": precision,
+            "tf32": device.type == "cuda",
+            "compile": compile_setting(args),
+        },
+    }
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as DiT
+    codecs = {
+        "reference": build_codec(args, device, torch.float32, args.seed),
+        "fast": build_codec(args, device, DTYPES[precision], args.seed),
+    }
+    side = args.image_size // codecs["reference"].downsample
+    print(f"device: {device_name(device)}, torch {torch.__version__}")
+    print(
+        f"{args.image_size} px ({side}x{side} latents), batch {args.batch}, {steps} steps, "
+        f"cfg {args.cfg_scale}, VAE decode included, median of {args.reps}"
+    )
+    rows = []
+    for method in args.samplers:
+        for kind in args.attention:
+            rows += measure(args, method, kind, steps, settings, codecs, device)
+    payload = {
+        "benchmark": "sampling",
+        "argv": sys.argv[1:] if argv is None else argv,
+        "torch": torch.__version__,
+        "device": device_name(device),
+        "vae": args.vae or f"random-{args.random_vae}",
+        "vae_decode_included": True,
+        "settings": settings,
+        "rows": rows,
+    }
+    print_table(*table(payload))
+    write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+    main()
