@@ -43,7 +43,10 @@ demo: $(STAMP)
 	@echo "metrics:    $(DEMO_DIR)/eval.json"
 
 bench: $(STAMP)
-	$(PY) -m bench.attention
+	$(PY) -m bench.attention --widths S XL --tokens 256 1024 4096 --out bench/results/attention.json
+	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 2
+	$(PY) -m bench.sampling --batch 1 --steps 25
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV)
