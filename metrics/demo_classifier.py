@@ -63,7 +63,7 @@ def _to_input(images: np.ndarray) -> torch.Tensor:
             f"demo scorer takes uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}: "
             "convert with engine.images.to_uint8"
         )
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = torch.tensor(images).permute(0, 3, 1, 2)  # a copy: npz batches are read-only
     return x.float() / 127.5 - 1
 
 
