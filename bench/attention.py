@@ -26,13 +26,31 @@ from models.attention import build_attention
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def make_layer(kind, width, tokens, device, dtype):
+class MixingOnly(torch.nn.Module):
+    """The token mixing alone: takes the qkv projection's output, skips both projections (which
+    are the same matrices in every mixer), so the ratio isolates what the mixers differ in."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        B, N, _ = qkv.shape
+        heads = qkv.reshape(B, N, 3, self.layer.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.layer.mix(*heads)
+
+
+def make_layer(kind, width, tokens, device, dtype, part="layer"):
+    """The module to time and the width of its input (C for a layer, 3C for the mixing)."""
     _, hidden, heads = WIDTHS[width]
     side = int(round(tokens**0.5))
     if side * side != tokens:
         raise ValueError(f"token count {tokens} is not a square grid")
     layer = build_attention(kind, hidden, heads, (side, side), layer_index=0)
-    return layer.to(device=device, dtype=dtype), hidden
+    layer = layer.to(device=device, dtype=dtype)
+    if part == "mixing":
+        return MixingOnly(layer), 3 * hidden
+    return layer, hidden
 
 
 def run_once(layer, x, backward):
@@ -65,10 +83,10 @@ def time_side_by_side(layers, x, backward, reps, device):
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
-def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward):
+def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part):
     """Peak memory (MB) that one call adds on top of the layer and its input."""
     if device.type == "cuda":
-        layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name])
+        layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name], part)
         x = torch.randn(batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
         x.requires_grad_(backward)
         torch.cuda.synchronize()
@@ -88,15 +106,16 @@ def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward):
         str(batch),
         dtype_name,
         str(int(backward)),
+        part,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_probe(kind, width, tokens, batch, dtype_name, backward):
+def memory_probe(kind, width, tokens, batch, dtype_name, backward, part):
     """Runs in a fresh process: growth of the peak resident set (MB) over one call. Linux resets
     the high-water mark on writing 5 to clear_refs, so earlier peaks (imports) do not hide it."""
-    layer, hidden = make_layer(kind, width, tokens, torch.device("cpu"), DTYPES[dtype_name])
+    layer, hidden = make_layer(kind, width, tokens, torch.device("cpu"), DTYPES[dtype_name], part)
     x = torch.randn(batch, tokens, hidden, dtype=DTYPES[dtype_name], requires_grad=bool(backward))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -155,14 +174,21 @@ def main(argv=None):
         "--no-memory", action="store_true", help="skip the peak-memory measurements"
     )
     parser.add_argument(
+        "--part",
+        choices=["layer", "mixing"],
+        default="layer",
+        help="layer: qkv projection + token mixing + output projection (default); mixing: the "
+        "token mixing alone, from the qkv projection's output (the part the mixers differ in)",
+    )
+    parser.add_argument(
         "--out", default="bench/results/attention.json", help="where to write the JSON rows"
     )
-    parser.add_argument("--memory-probe", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_probe:
-        kind, width, tokens, batch, dtype_name, backward = args.memory_probe
-        memory_probe(kind, width, int(tokens), int(batch), dtype_name, int(backward))
+        kind, width, tokens, batch, dtype_name, backward, part = args.memory_probe
+        memory_probe(kind, width, int(tokens), int(batch), dtype_name, int(backward), part)
         return
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -175,7 +201,7 @@ def main(argv=None):
     header += [f"{k}/{base}" for k in args.attention[1:]]
     if not args.no_memory:
         header += [f"{k} MB" for k in args.attention]
-    setting = f"{dtype_name}, batch {args.batch}, torch {torch.__version__}"
+    setting = f"{args.part}, {dtype_name}, batch {args.batch}, torch {torch.__version__}"
     print(f"device: {device_name(device)}, {setting}")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -183,7 +209,9 @@ def main(argv=None):
         for tokens in args.tokens:
             layers = {}
             for kind in args.attention:
-                layers[kind], hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name])
+                layers[kind], hidden = make_layer(
+                    kind, width, tokens, device, DTYPES[dtype_name], args.part
+                )
             x = torch.randn(args.batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
             for backward in (False, True):
                 x.requires_grad_(backward)
@@ -192,6 +220,7 @@ def main(argv=None):
                     "width": width,
                     "tokens": tokens,
                     "pass": "fwd+bwd" if backward else "fwd",
+                    "part": args.part,
                     "batch": args.batch,
                     "dtype": dtype_name,
                     "device": device_name(device),
@@ -207,7 +236,7 @@ def main(argv=None):
                 if not args.no_memory:
                     row["peak_mb"] = {
                         k: peak_memory_mb(
-                            k, width, tokens, args.batch, device, dtype_name, backward
+                            k, width, tokens, args.batch, device, dtype_name, backward, args.part
                         )
                         for k in args.attention
                     }

@@ -63,8 +63,16 @@ class DiffLambda(nn.Module):
         return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + self.lambda_init
 
 
+def merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(B, M, N, d) -> (B, N, M*d)."""
+    return out.transpose(1, 2).flatten(2)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with DiT's parameter layout (qkv with bias, proj)."""
+    """Multi-head self-attention with DiT's parameter layout (qkv with bias, proj).
+
+    The token mixers differ only in `mix(q, k, v)`, which the attention benchmark also times
+    alone: the projections around it are the same in all of them."""
 
     def __init__(self, dim: int, num_heads: int, **_unused):
         super().__init__()
@@ -72,43 +80,42 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
+    def split_heads(self, x: torch.Tensor):
+        """(B, N, C) -> q, k, v of shape (B, heads, N, C / heads), views of one projection."""
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def mix(self, q, k, v) -> torch.Tensor:
+        return merge_heads(F.scaled_dot_product_attention(q, k, v))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return self.proj(self.mix(*self.split_heads(x)))
 
 
-class DifferentialAttention(nn.Module):
+class DifferentialAttention(Attention):
     """Differential Attention (Ye et al. 2024) at the same width: M/2 heads, each splitting its
     2d query/key channels into two d-dim groups whose softmax maps are subtracted.
     O = (1 - lambda_init) * RMSNorm((softmax(q1 k1) - lambda * softmax(q2 k2)) v)."""
 
     def __init__(self, dim: int, num_heads: int, layer_index: int = 0, **_unused):
-        super().__init__()
         if num_heads % 2:
             raise ValueError(f"diffattn needs an even number of heads, got {num_heads}")
-        self.num_heads = num_heads // 2
+        super().__init__(dim, num_heads // 2)
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
         self.lam = DiffLambda(head_dim, lambda_init_for(layer_index))
         self.norm = RMSNorm(2 * head_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    def mix(self, q, k, v) -> torch.Tensor:
         q1, q2 = q.chunk(2, dim=-1)
         k1, k2 = k.chunk(2, dim=-1)
         lam = self.lam().to(v.dtype)
         out = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(
             q2, k2, v
         )
-        out = self.norm(out, 1 - self.lam.lambda_init)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        return merge_heads(self.norm(out, 1 - self.lam.lambda_init))
 
 
-class VisualContrastAttention(nn.Module):
+class VisualContrastAttention(Attention):
     """Visual-Contrast Attention (Linear Differential ViT, NeurIPS 2025) and its ablations.
 
     Contrast tokens: the queries average-pooled from the H x W token grid to h x w (n = h*w),
@@ -136,7 +143,7 @@ class VisualContrastAttention(nn.Module):
         stage2_softmax: str = "separate",
         dwc: bool = True,
     ):
-        super().__init__()
+        super().__init__(dim, num_heads)
         if variant not in ("vca", "stage1", "stage2", "emb", "diff"):
             raise ValueError(f"unknown VCA variant {variant!r}")
         if stage2_softmax not in ("separate", "joint"):
@@ -145,7 +152,6 @@ class VisualContrastAttention(nn.Module):
             )
         if variant == "diff" and stage2_softmax == "joint":
             raise ValueError("the 'diff' variant has no dual streams to share a joint softmax")
-        self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.grid_size = tuple(grid_size)
         if isinstance(contrast_grid, int):
@@ -161,8 +167,6 @@ class VisualContrastAttention(nn.Module):
         self.stage1_diff = variant in ("vca", "stage1", "emb", "diff")
         self.stage2_diff = variant in ("vca", "stage2", "emb", "diff")
 
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
         self.contrast_pos = nn.Parameter(torch.randn(n, dim))
         self.contrast_neg = None if variant == "diff" else nn.Parameter(torch.randn(n, dim))
         lam_dim = self.head_dim // 2 if variant == "diff" else self.head_dim
@@ -208,10 +212,8 @@ class VisualContrastAttention(nn.Module):
         out = F.scaled_dot_product_attention(q_a, k_a, v) - negative
         return norm(out, 1 - self.lambda_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        pos, neg = self._streams(q, B)
+    def mix(self, q, k, v) -> torch.Tensor:
+        pos, neg = self._streams(q, q.shape[0])
 
         if self.variant == "diff":
             # Split channels: the two groups play the roles of the two streams.
@@ -235,10 +237,10 @@ class VisualContrastAttention(nn.Module):
             else:
                 out = self._differential(q, pos, q, neg, v_hat, self.lambda2, self.norm2)
 
-        out = out.transpose(1, 2).reshape(B, N, C)
+        out = merge_heads(out)
         if self.dwc is not None:
             out = out + self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
-        return self.proj(out)
+        return out
 
 
 def build_attention(kind: str, dim: int, num_heads: int, grid_size, layer_index: int, **opts):
