@@ -23,10 +23,10 @@ lint: $(STAMP)
 # Override e.g. `make demo DEMO_MODEL=DiT-T/4 DEMO_ATTENTION=mhsa`.
 DEMO_MODEL ?= SiT-T/4
 DEMO_ATTENTION ?= vca
-DEMO_STEPS ?= 800
+DEMO_STEPS ?= 700
 DEMO_DIR ?= results/demo-$(subst /,-,$(DEMO_MODEL))-$(DEMO_ATTENTION)
 DEMO_CKPT = $(DEMO_DIR)/checkpoints/$(shell printf '%07d' $(DEMO_STEPS)).pt
-DEMO_SAMPLER = $(if $(findstring SiT,$(DEMO_MODEL)),--sampler ode --ode-method heun --num-sampling-steps 20,--sampler ddim --num-sampling-steps 50)
+DEMO_SAMPLER = $(if $(findstring SiT,$(DEMO_MODEL)),--sampler ode --ode-method heun --num-sampling-steps 12,--sampler ddim --num-sampling-steps 50)
 
 demo: $(STAMP)
 	$(PY) train.py --data-path synthetic:20000 --image-size 32 --vae none \
@@ -35,7 +35,7 @@ demo: $(STAMP)
 	    --num-workers 0 --results-dir $(DEMO_DIR) --resume
 	$(PY) sample.py --ckpt $(DEMO_CKPT) --class-labels 0 1 2 3 4 5 6 7 8 9 --per-class 4 \
 	    --cfg-scale 2.0 $(DEMO_SAMPLER) --out $(DEMO_DIR)/grid.png
-	$(PY) evaluate_fid.py --ckpt $(DEMO_CKPT) --ref synthetic --num-samples 500 --batch-size 50 \
+	$(PY) evaluate_fid.py --ckpt $(DEMO_CKPT) --ref synthetic --num-samples 200 --batch-size 50 \
 	    --cfg-scale 2.0 $(DEMO_SAMPLER) --sample-dir $(DEMO_DIR)/eval --json $(DEMO_DIR)/eval.json
 	@echo "grid:       $(DEMO_DIR)/grid.png"
 	@echo "log:        $(DEMO_DIR)/log.txt"
