@@ -24,3 +24,30 @@ def test_attention_benchmark_runs_and_reports_ratios(tmp_path):
             assert abs(row["speedup_vs_mhsa"][kind] - expected) < 1e-9 * expected
         assert all(mb >= 0 for mb in row["peak_mb"].values())
     assert "| T | 256 | fwd+bwd |" in result.stdout
+
+
+def test_attention_benchmark_times_the_mixing_alone(tmp_path):
+    """--part mixing feeds the qkv projection's output to `mix`, skipping both projections."""
+    out = tmp_path / "mixing.json"
+    cmd = [sys.executable, "-m", "bench.attention", "--widths", "T", "--tokens", "64",
+           "--part", "mixing", "--reps", "1", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["part"] for r in rows} == {"mixing"} and len(rows) == 2
+    assert all(r["peak_mb"]["vca"] >= 0 for r in rows)
+
+
+def test_mixing_only_equals_the_layer_without_its_projections():
+    import torch
+
+    from bench.attention import MixingOnly
+    from models.attention import build_attention
+
+    torch.manual_seed(0)
+    for kind in ("mhsa", "vca", "diffattn"):
+        layer = build_attention(kind, 64, 4, (8, 8), 1)
+        x = torch.randn(2, 64, 64)
+        with torch.no_grad():
+            via_mixing = layer.proj(MixingOnly(layer)(layer.qkv(x)))
+            torch.testing.assert_close(via_mixing, layer(x))
