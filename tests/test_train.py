@@ -237,3 +237,14 @@ def test_cli_exit_code_in_a_real_process(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    """lr 1e30 sends the weights to inf after the first update: step 2's loss is not finite."""
+    args = tiny_args(tmp_path, "--lr", "1e30", "--ckpt-every", "1", steps=5)
+    assert train.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0] and "0000001.pt" in err[0]
+    assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
+    state = checkpoint_at(tmp_path, 1)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
