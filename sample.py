@@ -22,6 +22,7 @@ from engine.loading import add_model_args, apply_precision, load_model
 from engine.sampling import (
     add_sampler_args,
     generate,
+    index_generators,
     index_noise,
     sampler_from_args,
     sampling_objective,
@@ -105,8 +106,6 @@ def main(argv=None) -> int:
         spec = sampler_from_args(loaded.family, args)
         objective = sampling_objective(loaded.family, loaded.objective, spec)
         labels = class_labels(args, loaded.num_classes)
-        device = next(loaded.model.parameters()).device
-        generator = torch.Generator(device).manual_seed(args.seed)
         batches = []
         for start in range(0, len(labels), args.batch_size):
             indices = range(start, min(start + args.batch_size, len(labels)))
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
                 index_noise(indices, args.seed, loaded.latent_shape),
                 cfg_scale=args.cfg_scale,
                 cfg_channels=args.cfg_channels,
-                generator=generator,
+                generator=index_generators(indices, args.seed),
                 precision=args.precision,
                 progress=sys.stderr.isatty(),
             )

@@ -23,7 +23,7 @@ import train
 import transport
 from engine import loading
 from engine.errors import UsageError
-from engine.sampling import SamplerSpec, generate, index_noise
+from engine.sampling import SamplerSpec, generate, index_generators, index_noise
 from models import create_model
 from models.codec import PixelCodec
 
@@ -234,7 +234,7 @@ def test_images_equal_generate_called_directly(ckpts, tmp_path, capsys, key, whi
         torch.tensor(labels),
         index_noise(range(3), 7, (3, 16, 16)),
         cfg_scale=cfg,
-        generator=torch.Generator().manual_seed(7),
+        generator=index_generators(range(3), 7),
     )
     expected = torch.clamp(127.5 * images + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     for i, y in enumerate(labels):
@@ -260,11 +260,11 @@ def test_same_seed_same_bytes_other_seed_other_bytes(ckpts, tmp_path, capsys, ke
     assert grid_bytes(capsys, tmp_path, ckpts[key], *flags, "--seed", 4) != first
 
 
-def test_deterministic_samplers_ignore_the_batch_size(ckpts, tmp_path, capsys):
-    """Noise is keyed to the image index, not to its batch (fixed-step ODE: dopri5 picks its
-    steps from the error of the whole batch)."""
-    for method in ("ddim", "ode"):
-        key = "trained" if method == "ddim" else "sit"
+def test_samplers_ignore_the_batch_size(ckpts, tmp_path, capsys):
+    """Initial and per-step noise are keyed to the image index, not to its batch (fixed-step
+    ODE: dopri5 picks its steps from the error of the whole batch)."""
+    for method in ("ddim", "ddpm", "ode", "sde"):
+        key = "trained" if method in ("ddim", "ddpm") else "sit"
         whole = grid_bytes(capsys, tmp_path, ckpts[key], "--sampler", method)
         split = grid_bytes(capsys, tmp_path, ckpts[key], "--sampler", method, "--batch-size", 2)
         assert whole == split
