@@ -10,16 +10,15 @@ resident set of a fresh process running the layer once (CPU has no allocator sta
 """
 
 import argparse
+import functools
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from bench.common import device_name, time_side_by_side
 from models import WIDTHS
 from models.attention import build_attention
 
@@ -63,24 +62,12 @@ def run_once(layer, x, backward):
             layer(x)
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_side_by_side(layers, x, backward, reps, device):
-    """Median seconds per call for each layer, the layers taking turns within every repetition."""
+def time_layers(layers, x, backward, reps, device):
+    """Median seconds per call of each layer after one warm-up call, taking turns."""
     for layer in layers.values():
-        run_once(layer, x, backward)  # warm-up
-    times = {kind: [] for kind in layers}
-    for _ in range(reps):
-        for kind, layer in layers.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run_once(layer, x, backward)
-            synchronize(device)
-            times[kind].append(time.perf_counter() - start)
-    return {kind: statistics.median(t) for kind, t in times.items()}
+        run_once(layer, x, backward)
+    runs = {kind: functools.partial(run_once, layer, x, backward) for kind, layer in layers.items()}
+    return time_side_by_side(runs, reps, device)
 
 
 def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part):
@@ -130,12 +117,6 @@ def resident_kb(field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def main(argv=None):
@@ -215,7 +196,7 @@ def main(argv=None):
             x = torch.randn(args.batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
             for backward in (False, True):
                 x.requires_grad_(backward)
-                seconds = time_side_by_side(layers, x, backward, args.reps, device)
+                seconds = time_layers(layers, x, backward, args.reps, device)
                 row = {
                     "width": width,
                     "tokens": tokens,
