@@ -211,8 +211,10 @@ def sampling_objective(family: str, config: dict, spec: SamplerSpec):
     return create_objective(family, config)
 
 
-def _seed_for(seed: int, index: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0] >> 1)
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys, e.g. (seed, index, stream) or (seed, rank,
+    step): neighbouring keys give unrelated streams, unlike seed + index."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
 
 def index_noise(indices, seed: int, shape: tuple) -> torch.Tensor:
@@ -220,7 +222,7 @@ def index_noise(indices, seed: int, shape: tuple) -> torch.Tensor:
     so every device and batch split sees the same numbers."""
     out = torch.empty(len(indices), *shape)
     for row, index in enumerate(indices):
-        generator = torch.Generator().manual_seed(_seed_for(seed, int(index), 0))
+        generator = torch.Generator().manual_seed(derive_seed(seed, int(index), 0))
         out[row] = torch.randn(shape, generator=generator)
     return out
 
@@ -228,7 +230,7 @@ def index_noise(indices, seed: int, shape: tuple) -> torch.Tensor:
 def index_generators(indices, seed: int) -> list[torch.Generator]:
     """One CPU generator per sample for the samplers' per-step noise (row i of a batch draws from
     generator i), keyed to (seed, index) like the initial noise."""
-    return [torch.Generator().manual_seed(_seed_for(seed, int(i), 2)) for i in indices]
+    return [torch.Generator().manual_seed(derive_seed(seed, int(i), 2)) for i in indices]
 
 
 def index_labels(indices, seed: int, num_classes: int) -> torch.Tensor:
@@ -238,7 +240,7 @@ def index_labels(indices, seed: int, num_classes: int) -> torch.Tensor:
             torch.randint(
                 num_classes,
                 (1,),
-                generator=torch.Generator().manual_seed(_seed_for(seed, int(index), 1)),
+                generator=torch.Generator().manual_seed(derive_seed(seed, int(index), 1)),
             )
         )
         for index in indices

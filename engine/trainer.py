@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
@@ -41,6 +40,7 @@ from .logger import RunLogger
 from .sampling import (
     autocast_context,
     create_objective,
+    derive_seed,
     generate,
     index_noise,
     objective_config,
@@ -81,10 +81,6 @@ class ResumableSampler(DistributedSampler):
 
     def batches_per_epoch(self) -> int:
         return self.num_samples // self.batch_size
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def model_opts(args) -> dict:
@@ -342,7 +338,7 @@ class Trainer:
         while self.step < total and not self.stop_requested:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
-                torch.manual_seed(step_seed(args.global_seed, self.info.rank, self.step))
+                torch.manual_seed(derive_seed(args.global_seed, self.info.rank, self.step))
                 latents, labels = self._batch_latents(batch)
                 with autocast_context(args.precision, self.device):
                     losses = self.objective.training_losses(
