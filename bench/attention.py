@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from bench.common import device_name, time_side_by_side
+from bench.common import device_name, requested_device, time_side_by_side
 from models import WIDTHS
 from models.attention import build_attention
 
@@ -171,9 +171,7 @@ def main(argv=None):
         kind, width, tokens, batch, dtype_name, backward, part = args.memory_probe
         memory_probe(kind, width, int(tokens), int(batch), dtype_name, int(backward), part)
         return
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    device = requested_device(parser, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     base = args.attention[0]
 

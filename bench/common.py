@@ -70,6 +70,14 @@ def build_codec(args, device, dtype=torch.float32, seed: int = 0) -> VAECodec:
     return VAECodec(vae, f"random-{args.random_vae}", device, dtype)
 
 
+def requested_device(parser, spec: str) -> torch.device:
+    """The --device flag as a device; asking for CUDA where there is none exits 2 in one line."""
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

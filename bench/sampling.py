@@ -41,6 +41,7 @@ from .common import (
     default_precision,
     device_name,
     print_table,
+    requested_device,
     time_side_by_side,
     write_json,
 )
@@ -247,9 +248,7 @@ def main(argv=None):
     add_vae_args(parser)
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    device = requested_device(parser, args.device)
     steps = args.steps or (250 if device.type == "cuda" else 25)
     precision = args.fast_precision or default_precision(device)
     settings = {

@@ -40,6 +40,7 @@ from .common import (
     default_precision,
     device_name,
     print_table,
+    requested_device,
     synchronize,
     time_side_by_side,
     write_json,
@@ -288,9 +289,7 @@ def main(argv=None):
     add_vae_args(parser)
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
+    device = requested_device(parser, args.device)
     settings = mode_settings(args, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # DiT's too
     codec = build_codec(args, device, seed=args.seed)
