@@ -22,7 +22,8 @@ import torch
 from data import DataError, iter_folder_images
 from engine import dist
 from engine.errors import UsageError
-from engine.loading import add_model_args, apply_precision, load_model
+from engine.loading import add_model_args, load_model
+from engine.precision import apply_precision
 from engine.sample_set import generate_sample_set, merge_shards, write_settings
 from engine.sampling import add_sampler_args, sampler_from_args, sampling_objective
 from metrics import (
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_model_args(parser, cfg_scale=1.0, ckpt_required=False)
+    add_model_args(parser, cfg_scale=1.0, ckpt_required=False, precision="tf32")
     add_sampler_args(parser)
     g = parser.add_argument_group("sample set")
     g.add_argument("--num-samples", type=int, default=50_000, help="images to draw (default 50000)")
@@ -129,7 +130,7 @@ def settings_of(args, loaded, spec) -> dict:
         "cfg_channels": args.cfg_channels,
         "labels": args.labels,
         "seed": args.seed,
-        "precision": args.precision,
+        "precision": loaded.precision,
         "num_samples": args.num_samples,
     }
 
@@ -152,6 +153,7 @@ def default_sample_dir(args, loaded, spec) -> str:
 def draw_samples(args, info) -> tuple[str, dict]:
     """Sample (all ranks), merge (rank 0); returns the samples.npz path and the settings."""
     loaded = load_model(args, info.device)
+    apply_precision(loaded.precision)
     spec = sampler_from_args(loaded.family, args)
     objective = sampling_objective(loaded.family, loaded.objective, spec)
     settings = settings_of(args, loaded, spec)
@@ -170,7 +172,7 @@ def draw_samples(args, info) -> tuple[str, dict]:
         labels=args.labels,
         cfg_scale=args.cfg_scale,
         cfg_channels=args.cfg_channels,
-        precision=args.precision,
+        precision=loaded.precision,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         rank=info.rank,
@@ -271,7 +273,6 @@ def main(argv=None) -> int:
         if not args.ckpt:
             raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
         info = dist.setup(args.device)
-        apply_precision(args.precision)
         samples_path, settings = draw_samples(args, info)
         if args.ref and info.is_main:
             run_evaluation(args, samples_path, settings)

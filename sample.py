@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from engine.images import make_grid, save_png, to_uint8
-from engine.loading import add_model_args, apply_precision, load_model
+from engine.loading import add_model_args, load_model
+from engine.precision import apply_precision
 from engine.sampling import (
     add_sampler_args,
     generate,
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_model_args(parser, cfg_scale=4.0)
+    add_model_args(parser, cfg_scale=4.0, compile_default=False)
     g = parser.add_argument_group("output")
     g.add_argument(
         "--class-labels",
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     try:  # UsageError, CodecError and bad sampler options are all ValueErrors
         loaded = load_model(args)
-        apply_precision(args.precision)
+        apply_precision(loaded.precision)
         spec = sampler_from_args(loaded.family, args)
         objective = sampling_objective(loaded.family, loaded.objective, spec)
         labels = class_labels(args, loaded.num_classes)
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                 cfg_scale=args.cfg_scale,
                 cfg_channels=args.cfg_channels,
                 generator=index_generators(indices, args.seed),
-                precision=args.precision,
+                precision=loaded.precision,
                 progress=sys.stderr.isatty(),
             )
             batches.append(to_uint8(images))

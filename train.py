@@ -11,6 +11,7 @@ import sys
 
 from data import DataError
 from engine.errors import UsageError
+from engine.precision import add_precision_args
 from engine.sampling import add_objective_args, add_sampler_args
 from engine.trainer import NonFiniteLoss, Trainer
 from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name
@@ -129,14 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="clip the gradient norm to this value (default 0: no clipping)",
     )
-    g.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "tf32", "bf16", "fp16"],
-        default="auto",
-        help="auto (bf16 autocast on GPUs, fp32 on CPUs), fp32, tf32 matmuls, or bf16/fp16 "
-        "autocast (fp16 with loss scaling); TF32 is on for GPU matmuls unless fp32",
-    )
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_precision_args(g)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
     g = parser.add_argument_group("checkpoints, logs, previews")

@@ -50,10 +50,10 @@ def compile_setting(args):
     return False if args.no_compile else args.compile_backend
 
 
-def build_codec(args, device, dtype=torch.float32, seed: int = 0) -> VAECodec:
-    """The VAE codec in `dtype`; a random one is seeded so every mode holds the same weights."""
+def build_codec(args, device, seed: int = 0) -> VAECodec:
+    """The fp32 VAE codec (fast modes run it under autocast); a random one is seeded."""
     if args.vae:
-        return load_codec(args.vae, device, dtype)
+        return load_codec(args.vae, device)
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -67,7 +67,7 @@ def build_codec(args, device, dtype=torch.float32, seed: int = 0) -> VAECodec:
         scaling_factor=0.18215,
         **VAE_CONFIGS[args.random_vae],
     )
-    return VAECodec(vae, f"random-{args.random_vae}", device, dtype)
+    return VAECodec(vae, f"random-{args.random_vae}", device)
 
 
 def requested_device(parser, spec: str) -> torch.device:
@@ -109,10 +109,13 @@ def cpu_bf16_is_native() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def default_precision(device: torch.device) -> str:
-    if device.type == "cuda":
+def fast_precision(device: torch.device) -> str:
+    """The fast modes' autocast: bf16 on GPUs and on CPUs that run it natively (at the
+    benchmarks' S/2 width it pays on such a CPU too; train.py's auto keeps CPUs in fp32, which
+    suits the tiny models CPUs train), else fp32."""
+    if device.type == "cuda" or cpu_bf16_is_native():
         return "bf16"
-    return "bf16" if cpu_bf16_is_native() else "fp32"
+    return "fp32"
 
 
 def print_table(header: list, rows: list) -> None:

@@ -4,8 +4,9 @@ ODE samplers, DiT/SiT's sample.py recipe (`reference`) against ours (`fast`), si
     python -m bench.sampling                          # CPU: S/2 models, 256 px, 25 steps
     python -m bench.sampling --device cuda --dit-model DiT-XL/2 --sit-model SiT-XL/2 --batch 32
 
-reference: fp32 (TF32 on GPU), no compile, fp32 VAE; cond/uncond in one batch (as sample.py).
-fast:      autocast (bf16 where it is native), torch.compile'd model, VAE in the same precision.
+reference: fp32 (TF32 on GPU), no compile; cond/uncond in one batch (as DiT's sample.py).
+fast:      evaluate_fid.py's defaults on a GPU: autocast (bf16 where it is native) over the
+           sampler and the VAE decode, the model's forward compiled (--no-compile to turn off).
 Every image is drawn by engine.sampling.generate, and the VAE decode is part of the timed work:
 images/s is images in [-1, 1] out per second from noise in. Both modes start from the same noise
 and per-step noise (index_noise, index_generators), so the fast images are compared with the
@@ -22,6 +23,7 @@ import sys
 
 import torch
 
+from engine.precision import compile_forward
 from engine.sampling import (
     add_sampler_args,
     generate,
@@ -38,15 +40,13 @@ from .common import (
     add_vae_args,
     build_codec,
     compile_setting,
-    default_precision,
     device_name,
+    fast_precision,
     print_table,
     requested_device,
     time_side_by_side,
     write_json,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def sampler_spec(family: str, method: str, steps: int, ode_method: str):
@@ -129,14 +129,14 @@ class Drawer:
         )
 
 
-def measure(args, method, kind, steps, settings, codecs, device) -> list[dict]:
+def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
     """Both modes of one sampler and token mixer: warm-up (compiles), then alternated calls."""
     name = args.dit_model if method in ("ddpm", "ddim") else args.sit_model
     family = parse_model_name(name)[0]
     spec = sampler_spec(family, method, steps, args.ode_method)
     warm_spec = sampler_spec(family, method, 2, args.ode_method)
-    side = args.image_size // codecs["reference"].downsample
-    channels = codecs["reference"].latent_channels
+    side = args.image_size // codec.downsample
+    channels = codec.latent_channels
     noise = index_noise(range(args.batch), args.seed, (channels, side, side))
     labels = index_labels(range(args.batch), args.seed, 1000)
     base = random_model(name, kind, side, channels, args.seed).to(device)
@@ -144,9 +144,9 @@ def measure(args, method, kind, steps, settings, codecs, device) -> list[dict]:
     for mode in settings:
         model = base if mode == "reference" else copy.deepcopy(base)
         if settings[mode]["compile"]:
-            model.forward = torch.compile(model.forward, backend=settings[mode]["compile"])
+            compile_forward(model, settings[mode]["compile"])
         precision = settings[mode]["precision"]
-        drawers[mode] = Drawer(model, codecs[mode], family, spec, precision, args, noise, labels)
+        drawers[mode] = Drawer(model, codec, family, spec, precision, args, noise, labels)
     warmup = {
         mode: time_side_by_side({mode: lambda d=d: d(warm_spec)}, 1, device)[mode]
         for mode, d in drawers.items()
@@ -250,7 +250,7 @@ def main(argv=None):
 
     device = requested_device(parser, args.device)
     steps = args.steps or (250 if device.type == "cuda" else 25)
-    precision = args.fast_precision or default_precision(device)
+    precision = args.fast_precision or fast_precision(device)
     settings = {
         "reference": {"precision": "fp32", "tf32": device.type == "cuda", "compile": False},
         "fast": {
@@ -260,11 +260,8 @@ def main(argv=None):
         },
     }
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as DiT
-    codecs = {
-        "reference": build_codec(args, device, torch.float32, args.seed),
-        "fast": build_codec(args, device, DTYPES[precision], args.seed),
-    }
-    side = args.image_size // codecs["reference"].downsample
+    codec = build_codec(args, device, seed=args.seed)
+    side = args.image_size // codec.downsample
     print(f"device: {device_name(device)}, torch {torch.__version__}")
     print(
         f"{args.image_size} px ({side}x{side} latents), batch {args.batch}, {steps} steps, "
@@ -273,7 +270,7 @@ def main(argv=None):
     rows = []
     for method in args.samplers:
         for kind in args.attention:
-            rows += measure(args, method, kind, steps, settings, codecs, device)
+            rows += measure(args, method, kind, steps, settings, codec, device)
     payload = {
         "benchmark": "sampling",
         "argv": sys.argv[1:] if argv is None else argv,

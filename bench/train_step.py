@@ -4,11 +4,13 @@ the original DiT recipe (`reference`) against ours (`fast`), side by side in one
     python -m bench.train_step                                  # CPU: DiT-S/2, 256 px, batch 4
     python -m bench.train_step --device cuda --model DiT-XL/2 --batch 64
 
+Both modes run train.py's own step (engine.step: batch_latents, then TrainStep) and differ only in
+its settings:
 reference: DiT's train.py: fp32 (TF32 on GPU), the VAE encodes the 256-px images every step,
-           AdamW unfused (foreach=False, fused=False), no compile, no gradient clipping.
-fast:      engine/trainer.py's step: autocast (bf16 where it is native), latents drawn from a
-           stored posterior mean/std as the latent cache does (no VAE in the step), fused AdamW,
-           torch.compile (--no-compile to turn off), SDPA, clip_grad_norm_.
+           AdamW unfused (foreach=False, fused=False), no compile, no gradient norm.
+fast:      train.py's defaults on the device: autocast (bf16 where it is native), latents drawn
+           from a stored posterior mean/std as the latent cache does (no VAE in the step), fused
+           AdamW, torch.compile (--no-compile to turn off), SDPA, the gradient norm it logs.
 Both update the EMA every step, as DiT does. Data loading is left out (images and cached
 posteriors sit on the device), so the numbers are the step's own.
 
@@ -21,15 +23,15 @@ the step time and the device's dense bf16 peak.
 
 import argparse
 import copy
-import math
 import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine.ema import create_ema, update_ema
-from engine.sampling import autocast_context, create_objective
+from engine.ema import create_ema
+from engine.sampling import create_objective
+from engine.step import TrainStep, batch_latents, create_optimizer
 from models import ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
 
 from .common import (
@@ -37,8 +39,8 @@ from .common import (
     add_vae_args,
     build_codec,
     compile_setting,
-    default_precision,
     device_name,
+    fast_precision,
     print_table,
     requested_device,
     synchronize,
@@ -73,70 +75,46 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 class Setup:
-    """One mode's model, EMA, optimizer and input, and the step that trains on them."""
+    """One mode's model, EMA, optimizer and batch, and train.py's step that trains on them."""
 
     def __init__(self, args, base_model, codec, settings, device):
-        self.device, self.settings = device, settings
+        self.device, self.codec = device, codec
         self.model = copy.deepcopy(base_model).to(device).train()
         self.ema = create_ema(self.model)
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=1e-4,
-            weight_decay=0,
-            foreach=None if settings["fused_adamw"] else False,
-            fused=settings["fused_adamw"],
-        )
+        self.opt = create_optimizer(self.model, lr=1e-4, fused=settings["fused_adamw"])
+        network = self.model
+        if settings["compile"]:
+            network = torch.compile(self.model, backend=settings["compile"])
         family = parse_model_name(args.model)[0]
-        self.objective = create_objective(family, {})
-        self.train_model = (
-            torch.compile(self.model, backend=settings["compile"])
-            if settings["compile"]
-            else self.model
+        self.train_step = TrainStep(
+            self.model,
+            network,
+            create_objective(family, {}),
+            self.opt,
+            self.ema,
+            precision=settings["precision"],
+            ema_decay=0.9999,
+            grad_clip=0.0 if settings["grad_norm"] else None,
         )
         b, side = args.batch, args.image_size // codec.downsample
-        self.labels = torch.randint(1000, (b,), device=device)
-        if settings["latents"] == "vae":
-            self.codec = codec
-            self.images = torch.rand(b, 3, args.image_size, args.image_size, device=device) * 2 - 1
-            self.data = [self.images]
-        else:  # a cached posterior (mean, std) of each image and its mirror image
-            self.codec = None
-            self.mean = torch.randn(b, 2, codec.latent_channels, side, side, device=device)
-            self.std = 0.1 * torch.rand(b, 2, codec.latent_channels, side, side, device=device)
-            self.data = [self.mean, self.std]
-
-    def latents(self) -> torch.Tensor:
-        """A fresh posterior sample of a randomly flipped batch, as engine/trainer.py draws it."""
-        rows = torch.arange(len(self.labels), device=self.device)
-        if self.codec is not None:
-            flip = torch.rand(len(rows), device=self.device) < 0.5
-            images = torch.where(flip[:, None, None, None], self.images.flip(-1), self.images)
-            mean, std = self.codec.posterior(images)
-        else:
-            flip = torch.randint(2, (len(rows),), device=self.device)
-            mean, std = self.mean[rows, flip], self.std[rows, flip]
-        return mean + std * torch.randn_like(mean)
+        labels = torch.randint(1000, (b,), device=device)
+        if settings["latents"] == "vae":  # a loader batch of images
+            images = torch.rand(b, 3, args.image_size, args.image_size, device=device) * 2 - 1
+            self.batch = (images, labels)
+        else:  # a latent-cache batch: the posterior of each image and of its mirror image
+            mean = torch.randn(b, 2, codec.latent_channels, side, side, device=device)
+            std = 0.1 * torch.rand(b, 2, codec.latent_channels, side, side, device=device)
+            self.batch = (mean, std, labels)
 
     def step(self) -> None:
-        latents = self.latents()
-        with autocast_context(self.settings["precision"], self.device):
-            losses = self.objective.training_losses(
-                self.train_model, latents, model_kwargs={"y": self.labels}
-            )
-        loss = losses["loss"].float().mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.settings["clip_grad_norm"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
-        self.opt.step()
-        update_ema(self.ema, self.model, 0.9999)
+        self.train_step(*batch_latents(self.batch, self.codec, self.device))
 
     def resident_bytes(self) -> int:
-        tensors = [*self.model.parameters(), *self.ema.parameters(), *self.data, self.labels]
+        tensors = [*self.model.parameters(), *self.ema.parameters(), *self.batch]
         tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
         for state in self.opt.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v)]
-        if self.codec is not None:
+        if len(self.batch) == 2 and hasattr(self.codec, "vae"):
             tensors += list(self.codec.vae.parameters())
         unique = {(t.data_ptr(), t.numel()): t for t in tensors}
         return sum(t.numel() * t.element_size() for t in unique.values())
@@ -219,15 +197,15 @@ def mode_settings(args, device) -> dict:
             "latents": "vae",
             "fused_adamw": False,
             "compile": False,
-            "clip_grad_norm": False,
+            "grad_norm": False,
         },
         "fast": {
-            "precision": args.fast_precision or default_precision(device),
+            "precision": args.fast_precision or fast_precision(device),
             "tf32": device.type == "cuda",
             "latents": "cached",
             "fused_adamw": True,
             "compile": compile_setting(args),
-            "clip_grad_norm": True,
+            "grad_norm": True,
         },
     }
 

@@ -22,6 +22,7 @@ from models.codec import Codec, load_codec
 
 from .checkpoint import load_checkpoint
 from .errors import UsageError
+from .precision import add_precision_args, compile_forward, resolve_compile, resolve_precision
 from .sampling import add_objective_args, objective_config
 
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
@@ -49,6 +50,7 @@ class LoadedModel:
     codec: Codec
     objective: dict  # config for engine.sampling.create_objective / sampling_objective
     latent_shape: tuple  # (channels, side, side) of the noise
+    precision: str  # --precision resolved for the device: fp32, tf32, bf16 or fp16
     path: str
     description: str
 
@@ -60,10 +62,14 @@ def default_cache_dir() -> str:
 
 
 def add_model_args(
-    parser: argparse.ArgumentParser, cfg_scale: float = 1.0, ckpt_required: bool = True
+    parser: argparse.ArgumentParser,
+    cfg_scale: float = 1.0,
+    ckpt_required: bool = True,
+    precision: str = "auto",
+    compile_default: bool | None = None,
 ) -> None:
-    """The flags load_model reads; `cfg_scale` is the script's default guidance scale, and
-    `ckpt_required=False` suits scripts with modes that need no model."""
+    """The flags load_model reads; `cfg_scale`, `precision` and `compile_default` are the
+    script's defaults, and `ckpt_required=False` suits scripts with modes that need no model."""
     g = parser.add_argument_group("model and checkpoint")
     g.add_argument(
         "--ckpt",
@@ -124,12 +130,7 @@ def add_model_args(
         "and other argless files with 4 latent channels, none for 3)",
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    g.add_argument(
-        "--precision",
-        choices=["fp32", "tf32", "bf16"],
-        default="fp32",
-        help="fp32, TF32 matmuls, or bf16 autocast (default fp32)",
-    )
+    add_precision_args(g, precision, compile_default)
     g.add_argument(
         "--cfg-scale",
         type=float,
@@ -277,17 +278,11 @@ def _load_state(model: torch.nn.Module, state: dict, path: str, what: str) -> No
     model.load_state_dict(state)
 
 
-def apply_precision(precision: str) -> None:
-    """--precision's process-wide part: TF32 matmuls on for 'tf32', off otherwise, so fp32
-    means fp32 (bf16 is autocast, which engine.sampling.generate applies). Scripts call it once
-    before sampling; load_model leaves global state alone."""
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    torch.backends.cudnn.allow_tf32 = precision == "tf32"
-
-
 def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
     """The checkpoint `args.ckpt` as a model on `device` (default --device, else cuda if
-    available), checked against --model/--attention/--image-size/--num-classes/--vae.
+    available), checked against --model/--attention/--image-size/--num-classes/--vae, its
+    forward compiled when --compile says so. Global state (TF32 flags) is the caller's:
+    `engine.precision.apply_precision(loaded.precision)`.
 
     Every mismatch is a UsageError (or a CodecError for the VAE) with a one-line message.
     """
@@ -327,6 +322,8 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
         raise UsageError(f"cannot build {name} for {path}: {_first_line(err)}") from err
     _load_state(model, state, path, f"{name} with {attention} attention")
     model = model.to(device).eval().requires_grad_(False)
+    if resolve_compile(args.compile, device):
+        compile_forward(model)
 
     in_channels = shapes["in_channels"]
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= in_channels:
@@ -365,6 +362,7 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
         codec=codec,
         objective=objective,
         latent_shape=(in_channels, latent, latent),
+        precision=resolve_precision(args.precision, device),
         path=path,
         description=f"{name} ({attention}, {weights}) from {path}: {image_size}px, "
         f"{num_classes} classes, VAE {vae}",

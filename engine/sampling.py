@@ -9,7 +9,6 @@ processes); fixed-step ODE methods do not.
 """
 
 import argparse
-import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import diffusion
 import transport
 
 from .errors import UsageError
+from .precision import autocast_context
 
 METHODS = {"DiT": ("ddpm", "ddim"), "SiT": ("ode", "sde")}
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "ode": 50, "sde": 250}
@@ -248,13 +248,6 @@ def index_labels(indices, seed: int, num_classes: int) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
-def autocast_context(precision: str, device: torch.device):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -297,4 +290,4 @@ def generate(
             generator=generator,
             **spec.options,
         )
-    return codec.decode(latents[:batch].float())
+        return codec.decode(latents[:batch].float())

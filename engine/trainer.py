@@ -33,12 +33,12 @@ from .checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from .ema import create_ema, update_ema
+from .ema import create_ema
 from .errors import UsageError
 from .images import make_grid, save_png, to_uint8
 from .logger import RunLogger
+from .precision import apply_precision, resolve_compile, resolve_precision
 from .sampling import (
-    autocast_context,
     create_objective,
     derive_seed,
     generate,
@@ -47,6 +47,7 @@ from .sampling import (
     sampler_from_args,
     sampling_objective,
 )
+from .step import TrainStep, batch_latents, create_optimizer
 
 # Arguments that define the network: a checkpoint must agree on them to be resumed.
 MODEL_ARGS = (
@@ -116,11 +117,9 @@ class Trainer:
         self.device = self.info.device
         self.log = RunLogger(args.results_dir, enabled=self.info.is_main)
         self.stop_requested = False
-        if args.precision == "auto":
-            args.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        if args.precision != "fp32" and self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        args.precision = resolve_precision(args.precision, self.device)
+        args.compile = resolve_compile(args.compile, self.device)
+        apply_precision(args.precision)
         world = self.info.world_size
         if args.global_batch_size % world:
             raise UsageError(
@@ -144,22 +143,26 @@ class Trainer:
         ).to(self.device)
         self.model.grad_checkpoint = args.grad_checkpoint
         self.ema = create_ema(self.model)
-        self.opt = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            fused=self.device.type == "cuda",
+        self.opt = create_optimizer(self.model, args.lr, args.weight_decay)
+        network = self.model
+        if world > 1:
+            ids = [self.info.local_rank] if self.device.type == "cuda" else None
+            network = DistributedDataParallel(self.model, device_ids=ids)
+        if args.compile:
+            network = torch.compile(network)
+        self.train_step = TrainStep(
+            self.model,
+            network,
+            create_objective(self.family, objective_config(args)),
+            self.opt,
+            self.ema,
+            precision=args.precision,
+            ema_decay=args.ema_decay,
+            grad_clip=args.grad_clip,
         )
-        self.objective = create_objective(self.family, objective_config(args))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.precision == "fp16")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
 
-        ddp = self.model
-        if world > 1:
-            ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            ddp = DistributedDataParallel(self.model, device_ids=ids)
-        self.train_model = torch.compile(ddp) if args.compile else ddp
         self.sampler = ResumableSampler(
             self.dataset,
             self.local_batch,
@@ -228,8 +231,8 @@ class Trainer:
             self.opt.load_state_dict(state["opt"])
         except (KeyError, RuntimeError) as err:
             raise UsageError(f"cannot resume {path}: {str(err).splitlines()[0]}") from err
-        if "scaler" in state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+        if "scaler" in state and self.train_step.scaler.is_enabled():
+            self.train_step.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         if state.get("world_size", 1) != self.info.world_size:
@@ -239,23 +242,6 @@ class Trainer:
     @property
     def checkpoint_dir(self) -> str:
         return os.path.join(self.args.results_dir, "checkpoints")
-
-    def _batch_latents(self, batch):
-        """(latents, labels) on the device: flip and posterior sample from this step's RNG."""
-        if self.args.latent_cache:
-            mean, std, labels = batch
-            mean, std = mean.to(self.device), std.to(self.device)
-            flip = torch.randint(2, (mean.shape[0],), device=self.device)
-            rows = torch.arange(mean.shape[0], device=self.device)
-            mean, std = mean[rows, flip], std[rows, flip]
-        else:
-            images, labels = batch
-            images = images.to(self.device, non_blocking=True)
-            flip = torch.rand(images.shape[0], device=self.device) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            mean, std = self.codec.posterior(images)
-        latents = mean + std * torch.randn_like(mean)
-        return latents, labels.to(self.device, non_blocking=True)
 
     def save(self):
         state = {
@@ -269,8 +255,8 @@ class Trainer:
             "args": plain_args(self.args),
             "rng": {"torch": torch.get_rng_state()},
         }
-        if self.scaler.is_enabled():
-            state["scaler"] = self.scaler.state_dict()
+        if self.train_step.scaler.is_enabled():
+            state["scaler"] = self.train_step.scaler.state_dict()
         if self.info.is_main:
             path = checkpoint_path(self.checkpoint_dir, self.step)
             save_checkpoint(state, path)
@@ -334,27 +320,15 @@ class Trainer:
         grad_norm = torch.zeros((), device=self.device)
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         last_time, last_step = time.perf_counter(), self.step
-        self.train_model.train()
+        self.model.train()
         while self.step < total and not self.stop_requested:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
                 torch.manual_seed(derive_seed(args.global_seed, self.info.rank, self.step))
-                latents, labels = self._batch_latents(batch)
-                with autocast_context(args.precision, self.device):
-                    losses = self.objective.training_losses(
-                        self.train_model, latents, model_kwargs={"y": labels}
-                    )
-                loss = losses["loss"].float().mean()
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.opt)
-                max_norm = args.grad_clip if args.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-                self.scaler.step(self.opt)
-                self.scaler.update()
-                update_ema(self.ema, self.model, args.ema_decay)
-                finite &= torch.isfinite(loss.detach())
-                running += torch.stack([loss.detach(), torch.ones((), device=self.device)])
+                latents, labels = batch_latents(batch, self.codec, self.device)
+                loss, grad_norm = self.train_step(latents, labels)
+                finite &= torch.isfinite(loss)
+                running += torch.stack([loss, torch.ones((), device=self.device)])
                 self.step += 1
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == per_epoch:
