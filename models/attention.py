@@ -239,8 +239,25 @@ class VisualContrastAttention(Attention):
 
         out = merge_heads(out)
         if self.dwc is not None:
-            out = out + self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
+            out = out + self._depthwise_conv(v)
         return out
+
+    def _depthwise_conv(self, v: torch.Tensor) -> torch.Tensor:
+        """`dwc` (3x3 depthwise, zero padding) of the (B, M, N, d) heads v on the grid, as
+        (B, N, C) tokens. Under torch.compile, as nine shifted multiply-adds on (B, H, W, C) that
+        inductor fuses: a convolution in the graph turns on inductor's layout optimisation (always
+        on CPUs with oneDNN), which stores the 4-D tensors up to the graph's last convolution
+        channels-last, the (B, M, N, d) attention tensors of every block included (heads as the
+        innermost dim), and the attention kernels become slow strided loops."""
+        if not torch.compiler.is_compiling():
+            return self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
+        (H, W), dtype = self.grid_size, torch.promote_types(v.dtype, torch.float32)
+        x = F.pad(merge_heads(v).reshape(v.shape[0], H, W, -1).to(dtype), (0, 0, 1, 1, 1, 1))
+        weight, out = self.dwc.weight[:, 0].to(dtype), self.dwc.bias.to(dtype)  # (C, 3, 3), (C,)
+        for i in range(3):
+            for j in range(3):
+                out = out + x[:, i : i + H, j : j + W] * weight[:, i, j]
+        return out.flatten(1, 2).to(v.dtype)
 
 
 def build_attention(kind: str, dim: int, num_heads: int, grid_size, layer_index: int, **opts):

@@ -270,3 +270,33 @@ def test_bad_options_raise():
         build_attention("linear", C, HEADS, (H, W), 0)
     with pytest.raises(ValueError, match="even number of heads"):
         DifferentialAttention(C, 3)
+
+
+def test_compiled_depthwise_conv_is_the_convolution_without_a_conv_in_the_graph():
+    """Under torch.compile VCA's 3x3 depthwise conv is written as shifted multiply-adds, so the
+    graph holds no convolution (one would make inductor store every attention tensor
+    channels-last); forward and gradients equal the eager conv's, on a non-square grid."""
+    torch.manual_seed(0)
+    layer = build_attention("vca", 32, 4, (6, 10), 2, contrast_grid=(3, 5)).double()
+    x = torch.randn(2, 60, 32, dtype=torch.float64, requires_grad=True)
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+    outputs, grads = [], []
+    for run in (layer, compiled):
+        layer.zero_grad()
+        x.grad = None
+        out = run(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone(), layer.dwc.weight.grad.clone(), layer.dwc.bias.grad.clone()])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert graphs and not any("conv" in op for op in ops), ops
