@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,11 +42,27 @@ demo: $(STAMP)
 	@echo "loss curve: $(DEMO_DIR)/loss.png"
 	@echo "metrics:    $(DEMO_DIR)/eval.json"
 
+# CPU-sized benchmarks: JSON, tables and a chart in bench/results/ (the attention layer at 4096
+# tokens and the inductor compiles take most of the time). `make bench-gpu`: the GPU rows.
 bench: $(STAMP)
 	$(PY) -m bench.attention --widths S XL --tokens 256 1024 4096 --out bench/results/attention.json
-	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 2
+	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 3
 	$(PY) -m bench.sampling --batch 1 --steps 25
 	$(PY) -m bench.report
+
+bench-gpu: $(STAMP)
+	mkdir -p bench/results/gpu
+	$(PY) -m bench.attention --device cuda --dtype bf16 --widths S XL --tokens 256 1024 4096 \
+	    --out bench/results/gpu/attention.json
+	$(PY) -m bench.train_step --device cuda --model DiT-XL/2 --batch 64 \
+	    --out bench/results/gpu/train_step.json
+	$(PY) -m bench.train_step --device cuda --model DiT-B/2 --batch 128 \
+	    --out bench/results/gpu/train_step-b2.json
+	$(PY) -m bench.train_step --device cuda --model DiT-B/2 --image-size 512 --batch 32 \
+	    --out bench/results/gpu/train_step-b2-512.json
+	$(PY) -m bench.sampling --device cuda --dit-model DiT-XL/2 --sit-model SiT-XL/2 --batch 32 \
+	    --out bench/results/gpu/sampling.json
+	$(PY) -m bench.report --dir bench/results/gpu
 
 clean:
 	rm -rf $(VENV)

@@ -2,11 +2,14 @@
 
     python -m bench.report                  # bench/results/*.json -> README.md, speedups.png
 
+Every <benchmark>*.json in the folder is a section (e.g. train_step.json, train_step-b2-512.json).
+
 Every ratio is measured inside one run (the configurations alternate), so it holds on a noisy
 machine where the absolute times do not.
 """
 
 import argparse
+import glob
 import json
 import os
 
@@ -110,12 +113,12 @@ def main(argv=None):
         "![speed ratios](speedups.png)",
         "",
     ]
-    found = False
-    for name in BENCHMARKS:
-        path = os.path.join(args.dir, f"{name}.json")
-        if not os.path.exists(path):
-            continue
-        found = True
+    files = [
+        (benchmark, path)
+        for benchmark in BENCHMARKS
+        for path in sorted(glob.glob(os.path.join(args.dir, f"{benchmark}*.json")))
+    ]
+    for name, path in files:
         with open(path) as f:
             payload = json.load(f)
         header, cells = TABLES[name](payload)
@@ -126,7 +129,7 @@ def main(argv=None):
         lines += ["| " + " | ".join(c) + " |" for c in cells]
         lines.append("")
         bars += ratios(name, payload)
-    if not found:
+    if not files:
         parser.exit(2, f"error: no benchmark JSON in {args.dir}; run the benchmarks first\n")
     chart = os.path.join(args.dir, "speedups.png")
     bar_chart(bars, chart, "speed ratio (log scale): fast vs reference, VCA vs MHSA")

@@ -134,3 +134,16 @@ def test_report_writes_tables_and_chart(results):
             len(load(out, "train_step")["rows"]) // 2 + 1 + len(load(out, "sampling")["rows"]) // 2
         )
         assert chart.height == 40 + 22 * bars + 40
+
+
+def test_report_takes_every_json_of_a_benchmark(results, tmp_path):
+    """`make bench-gpu` writes one train_step-*.json per model: each becomes its own section."""
+    out, _ = results
+    payload = load(out, "train_step")
+    (tmp_path / "train_step.json").write_text(json.dumps(payload))
+    payload["argv"] = ["--model", "DiT-B/2"]
+    (tmp_path / "train_step-b2.json").write_text(json.dumps(payload))
+    run("report", "--dir", str(tmp_path))
+    page = (tmp_path / "README.md").read_text()
+    assert page.count("## Training step") == 2
+    assert "`python -m bench.train_step --model DiT-B/2`" in page
