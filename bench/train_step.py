@@ -8,9 +8,10 @@ Both modes run train.py's own step (engine.step: batch_latents, then TrainStep) 
 its settings:
 reference: DiT's train.py: fp32 (TF32 on GPU), the VAE encodes the 256-px images every step,
            AdamW unfused (foreach=False, fused=False), no compile, no gradient norm.
-fast:      train.py's defaults on the device: autocast (bf16 where it is native), latents drawn
-           from a stored posterior mean/std as the latent cache does (no VAE in the step), fused
-           AdamW, torch.compile (--no-compile to turn off), SDPA, the gradient norm it logs.
+fast:      train.py's defaults on a GPU: bf16 autocast (also on CPUs with native bf16, where it
+           pays at S/2 width though train.py's auto stays fp32), latents drawn from a stored
+           posterior mean/std as the latent cache does (no VAE in the step), fused AdamW,
+           torch.compile (--no-compile to turn off), SDPA, the gradient norm it logs.
 Both update the EMA every step, as DiT does. Data loading is left out (images and cached
 posteriors sit on the device), so the numbers are the step's own.
 
