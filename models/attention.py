@@ -26,41 +26,52 @@ ATTENTION_HELP = {
 }
 
 
-def lambda_init_for(layer_index: int) -> float:
-    """Differential Transformer's depth schedule for the initial lambda (0-based block index)."""
-    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+def lambda_init_for(layer_index):
+    """Differential Transformer's depth schedule for the initial lambda (0-based block index):
+    a float for an int, a tensor for a tensor."""
+    exp = torch.exp if isinstance(layer_index, torch.Tensor) else math.exp
+    return 0.8 - 0.6 * exp(-0.3 * layer_index)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32 so bf16 runs normalise the same way."""
+    """RMSNorm over the last dim. F.rms_norm keeps its statistics in fp32 for bf16/fp16 inputs,
+    so the input is not copied to fp32 first."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """RMSNorm(x) * scale; the scale folds into the weight, saving a pass over x."""
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        weight = self.weight.to(dtype) * scale
-        return F.rms_norm(x.to(dtype), (x.shape[-1],), weight, self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), (self.weight * scale).to(x.dtype), self.eps)
 
 
 class DiffLambda(nn.Module):
-    """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init: one scalar shared by all heads."""
+    """lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init: one scalar shared by all heads.
 
-    def __init__(self, dim: int, lambda_init: float):
+    The block index is an integer buffer and lambda_init a tensor computed from it, not a Python
+    float: blocks of every depth then share one compiled graph instead of each recompiling for a
+    constant of its own."""
+
+    def __init__(self, dim: int, layer_index: int):
         super().__init__()
-        self.lambda_init = lambda_init
         self.q1 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
         self.k1 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
         self.q2 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
         self.k2 = nn.Parameter(torch.zeros(dim).normal_(0, 0.1))
+        self.register_buffer("layer_index", torch.tensor(layer_index), persistent=False)
 
-    def forward(self) -> torch.Tensor:
+    @property
+    def lambda_init(self) -> float:
+        return lambda_init_for(int(self.layer_index))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lambda, lambda_init) as 0-d tensors in fp32 (float64 in a float64 model)."""
         dtype = torch.promote_types(self.q1.dtype, torch.float32)
         q1, k1, q2, k2 = (p.to(dtype) for p in (self.q1, self.k1, self.q2, self.k2))
-        return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + self.lambda_init
+        init = lambda_init_for(self.layer_index.to(dtype))
+        return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + init, init
 
 
 def merge_heads(out: torch.Tensor) -> torch.Tensor:
@@ -102,17 +113,85 @@ class DifferentialAttention(Attention):
             raise ValueError(f"diffattn needs an even number of heads, got {num_heads}")
         super().__init__(dim, num_heads // 2)
         head_dim = dim // num_heads
-        self.lam = DiffLambda(head_dim, lambda_init_for(layer_index))
+        self.lambda_init = lambda_init_for(layer_index)
+        self.lam = DiffLambda(head_dim, layer_index)
         self.norm = RMSNorm(2 * head_dim)
 
     def mix(self, q, k, v) -> torch.Tensor:
         q1, q2 = q.chunk(2, dim=-1)
         k1, k2 = k.chunk(2, dim=-1)
-        lam = self.lam().to(v.dtype)
-        out = F.scaled_dot_product_attention(q1, k1, v) - lam * F.scaled_dot_product_attention(
-            q2, k2, v
-        )
-        return merge_heads(self.norm(out, 1 - self.lam.lambda_init))
+        lam, init = self.lam()
+        negative = F.scaled_dot_product_attention(q2, k2, v)
+        out = torch.addcmul(F.scaled_dot_product_attention(q1, k1, v), negative, lam, value=-1)
+        return merge_heads(self.norm(out, 1 - init))
+
+
+class StreamDifference(torch.autograd.Function):
+    """(A+ - lam A-) @ value for the two contrast streams stacked in one attention product, A
+    the softmax of query @ key^T (the stream tokens come scaled by the softmax scale).
+
+    The streams are the two halves of the queries (`in_keys=False`, Stage I: 2n stream queries
+    against the N keys) or of the keys (`in_keys=True`, Stage II: the N queries against 2n
+    stream keys; the softmax is taken per stream, or over both with `joint`). One product
+    scores both streams, and the difference of the maps is taken before the values are
+    multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream.
+
+    As in flash attention, the backward recomputes the maps from the inputs and the fp32
+    log-sum-exp of every softmax row instead of keeping them: a layer's saved activations then
+    hold no (N x 2n) map per head, at the price of one more query @ key^T product."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, lam, in_keys: bool, joint: bool):
+        attn, lse = StreamDifference.maps(query, key, None, in_keys, joint)
+        ctx.save_for_backward(query, key, value, lam, lse)
+        ctx.in_keys, ctx.joint = in_keys, joint
+        pos, neg = attn.unbind(-2 if in_keys else -3)
+        return torch.addcmul(pos, neg, lam, value=-1) @ value
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, lam, lse = ctx.saved_tensors
+        stream_dim = -2 if ctx.in_keys else -3
+        attn, _ = StreamDifference.maps(query, key, lse, ctx.in_keys, ctx.joint)
+        pos, neg = attn.unbind(stream_dim)
+        grad_value = torch.addcmul(pos, neg, lam, value=-1).transpose(-1, -2) @ grad
+        grad_diff = grad @ value.transpose(-1, -2)
+        # The softmax backward, A * (dA - sum(dA * A)) per row with dA+ = grad_diff and
+        # dA- = -lam * grad_diff, written into the maps: no (rows x 2n) gradient beside them.
+        dot_pos = (grad_diff * pos).sum(-1, keepdim=True)
+        dot_neg = (grad_diff * neg).sum(-1, keepdim=True)
+        grad_lam = -dot_neg.sum(dtype=lam.dtype)
+        if ctx.joint:  # one normaliser for both streams
+            sub_pos = sub_neg = torch.addcmul(dot_pos, dot_neg, lam, value=-1)
+        else:
+            sub_pos, sub_neg = dot_pos, dot_neg * -lam
+        pos.mul_(grad_diff - sub_pos)
+        neg.mul_(torch.addcmul(sub_neg, grad_diff, lam)).neg_()
+        grad_scores = attn.reshape(*grad.shape[:-2], query.shape[-2], key.shape[-2])
+        grad_query = grad_scores @ key
+        grad_key = grad_scores.transpose(-1, -2) @ query
+        return grad_query, grad_key, grad_value, grad_lam, None, None
+
+    @staticmethod
+    def maps(query, key, lse, in_keys: bool, joint: bool):
+        """The attention maps with the stream axis split out, (..., L, 2, n) when the streams
+        are the keys and (..., 2, n, S) when they are the queries, in the input dtype; and the
+        fp32 log-sum-exp of every softmax row (computed here when `lse` is None)."""
+        scores = query @ key.transpose(-1, -2)
+        *batch, rows, cols = scores.shape
+        streams = (*batch, rows, 2, cols // 2) if in_keys else (*batch, 2, rows // 2, cols)
+        normalised = scores if joint else scores.view(streams)  # one softmax per last-dim row
+        if lse is None:
+            wide = torch.promote_types(scores.dtype, torch.float32)
+            lse = torch.logsumexp(normalised.to(wide), -1, keepdim=True)
+        attn = (normalised - lse).exp_().to(scores.dtype)
+        return attn.view(streams), lse
+
+
+def stream_difference(query, key, value, lam, in_keys: bool, joint: bool = False):
+    """StreamDifference in the query's dtype (under autocast a norm may hand over fp32 values)."""
+    dtype = query.dtype
+    return StreamDifference.apply(query, key.to(dtype), value.to(dtype), lam, in_keys, joint)
 
 
 class VisualContrastAttention(Attention):
@@ -130,6 +209,9 @@ class VisualContrastAttention(Attention):
     differential; the other uses the positive stream alone, with no norm), "emb" (streams are
     e+ / e- alone, no pooled content), "diff" (one set of learnable tokens; each stage is a
     language-style differential attention that splits head channels into two groups).
+
+    Both streams run as one attention product per stage (`StreamDifference`): 6 n N d
+    multiply-adds per head in all, against plain attention's 2 N^2 d.
     """
 
     def __init__(
@@ -171,72 +253,54 @@ class VisualContrastAttention(Attention):
         self.contrast_neg = None if variant == "diff" else nn.Parameter(torch.randn(n, dim))
         lam_dim = self.head_dim // 2 if variant == "diff" else self.head_dim
         if self.stage1_diff:
-            self.lambda1 = DiffLambda(lam_dim, self.lambda_init)
+            self.lambda1 = DiffLambda(lam_dim, layer_index)
             self.norm1 = RMSNorm(self.head_dim)
         if self.stage2_diff:
-            self.lambda2 = DiffLambda(lam_dim, self.lambda_init)
+            self.lambda2 = DiffLambda(lam_dim, layer_index)
             self.norm2 = RMSNorm(self.head_dim)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if dwc else None
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, n, C) -> (B, M, n, d)."""
-        return t.reshape(t.shape[0], t.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
     def _grid(self, t: torch.Tensor) -> torch.Tensor:
         """(B, M, N, d) heads -> (B, C, H, W) image with heads-major channels, as a view when the
         heads come straight from the qkv projection (no copy of N x C)."""
         return t.transpose(1, 2).reshape(t.shape[0], *self.grid_size, -1).permute(0, 3, 1, 2)
 
-    def _streams(self, q: torch.Tensor, B: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positive and negative contrast tokens, (B, M, n, d) each (no negative for "diff")."""
-        content = 0.0
-        if self.variant not in ("emb", "diff"):
-            content = F.adaptive_avg_pool2d(self._grid(q), self.contrast_grid)
-            content = content.flatten(2).transpose(1, 2).contiguous()  # (B, n, C)
-
-        def stream(embedding):
-            return self._heads((content + embedding.to(q.dtype)).expand(B, -1, -1))
-
-        return stream(self.contrast_pos), None if self.contrast_neg is None else stream(
-            self.contrast_neg
-        )
-
-    def _differential(self, q_a, k_a, q_b, k_b, v, lam_module, norm) -> torch.Tensor:
-        """(1 - li) RMSNorm(attn(q_a, k_a, v) - lambda attn(q_b, k_b, v)). lambda multiplies the
-        values when they are fewer than the queries (Stage II), else the output (Stage I)."""
-        lam = lam_module().to(v.dtype)
-        if v.shape[-2] <= q_b.shape[-2]:
-            negative = F.scaled_dot_product_attention(q_b, k_b, lam * v)
+    def _stream_tokens(self, q: torch.Tensor) -> torch.Tensor:
+        """The positive and negative contrast tokens stacked as (B, M, 2n, d), times the softmax
+        scale. "diff" has one set of tokens: its two streams are that set's two channel halves,
+        each zero in the other half, so a product over all d channels scores one group."""
+        B, M, _, d = q.shape
+        pos = self.contrast_pos.to(q.dtype)
+        neg = pos if self.contrast_neg is None else self.contrast_neg.to(q.dtype)
+        tokens = torch.stack([pos, neg]).unflatten(-1, (M, d)).permute(2, 0, 1, 3)[None]
+        # (1, M, 2, n, d)
+        if self.variant == "diff":
+            first_half = torch.arange(d, device=q.device) < d // 2
+            tokens = tokens * torch.stack([first_half, ~first_half]).unsqueeze(1)
+            tokens = tokens * (d // 2) ** -0.5
+        elif self.variant == "emb":
+            tokens = tokens * d**-0.5
         else:
-            negative = lam * F.scaled_dot_product_attention(q_b, k_b, v)
-        out = F.scaled_dot_product_attention(q_a, k_a, v) - negative
-        return norm(out, 1 - self.lambda_init)
+            content = F.adaptive_avg_pool2d(self._grid(q), self.contrast_grid).flatten(2)
+            content = content.unflatten(1, (M, d)).transpose(-1, -2).unsqueeze(2)
+            tokens = (content + tokens) * d**-0.5
+        return tokens.flatten(2, 3).expand(B, -1, -1, -1)
 
     def mix(self, q, k, v) -> torch.Tensor:
-        pos, neg = self._streams(q, q.shape[0])
-
-        if self.variant == "diff":
-            # Split channels: the two groups play the roles of the two streams.
-            (t1, t2), (q1, q2), (k1, k2) = pos.chunk(2, -1), q.chunk(2, -1), k.chunk(2, -1)
-            v_hat = self._differential(t1, k1, t2, k2, v, self.lambda1, self.norm1)
-            out = self._differential(q1, t1, q2, t2, v_hat, self.lambda2, self.norm2)
+        tokens = self._stream_tokens(q)
+        pos = tokens[:, :, : tokens.shape[2] // 2]
+        if self.stage1_diff:
+            lam, init = self.lambda1()
+            v_hat = self.norm1(stream_difference(tokens, k, v, lam, in_keys=False), 1 - init)
         else:
-            if self.stage1_diff:
-                v_hat = self._differential(pos, k, neg, k, v, self.lambda1, self.norm1)
-            else:
-                v_hat = F.scaled_dot_product_attention(pos, k, v)
-            if not self.stage2_diff:
-                out = F.scaled_dot_product_attention(q, pos, v_hat)
-            elif self.stage2_softmax == "joint":
-                lam = self.lambda2().to(v.dtype)
-                keys = torch.cat([pos, neg], dim=2)
-                values = torch.cat([v_hat, -lam * v_hat], dim=2)
-                out = self.norm2(
-                    F.scaled_dot_product_attention(q, keys, values), 1 - self.lambda_init
-                )
-            else:
-                out = self._differential(q, pos, q, neg, v_hat, self.lambda2, self.norm2)
-
+            v_hat = F.scaled_dot_product_attention(pos, k, v, scale=1.0)
+        if self.stage2_diff:
+            lam, init = self.lambda2()
+            joint = self.stage2_softmax == "joint"
+            out = stream_difference(q, tokens, v_hat, lam, in_keys=True, joint=joint)
+            out = self.norm2(out, 1 - init)
+        else:
+            out = F.scaled_dot_product_attention(q, pos, v_hat.to(q.dtype), scale=1.0)
         out = merge_heads(out)
         if self.dwc is not None:
             out = out + self._depthwise_conv(v)
@@ -244,19 +308,19 @@ class VisualContrastAttention(Attention):
 
     def _depthwise_conv(self, v: torch.Tensor) -> torch.Tensor:
         """`dwc` (3x3 depthwise, zero padding) of the (B, M, N, d) heads v on the grid, as
-        (B, N, C) tokens. Under torch.compile, as nine shifted multiply-adds on (B, H, W, C) that
-        inductor fuses: a convolution in the graph turns on inductor's layout optimisation (always
-        on CPUs with oneDNN), which stores the 4-D tensors up to the graph's last convolution
-        channels-last, the (B, M, N, d) attention tensors of every block included (heads as the
-        innermost dim), and the attention kernels become slow strided loops."""
+        (B, N, C) tokens. Eager: oneDNN's conv on a channels-last copy of the grid (its output
+        is then (B, N, C) as it lies in memory). Under torch.compile, nine shifted multiply-adds
+        on (B, H, W, C) that inductor fuses: a convolution in the graph turns on inductor's
+        layout optimisation (always on CPUs with oneDNN), which stores the 4-D tensors up to the
+        graph's last convolution channels-last, the (B, M, N, d) attention tensors of every
+        block included (heads as the innermost dim), and the attention kernels become slow
+        strided loops."""
         if not torch.compiler.is_compiling():
             return self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
         (H, W), dtype = self.grid_size, torch.promote_types(v.dtype, torch.float32)
         x = F.pad(merge_heads(v).reshape(v.shape[0], H, W, -1).to(dtype), (0, 0, 1, 1, 1, 1))
-        weight, out = self.dwc.weight[:, 0].to(dtype), self.dwc.bias.to(dtype)  # (C, 3, 3), (C,)
-        for i in range(3):
-            for j in range(3):
-                out = out + x[:, i : i + H, j : j + W] * weight[:, i, j]
+        windows = x.unfold(1, 3, 1).unfold(2, 3, 1)  # (B, H, W, C, 3, 3), a view
+        out = (windows * self.dwc.weight[:, 0].to(dtype)).sum((-2, -1)) + self.dwc.bias.to(dtype)
         return out.flatten(1, 2).to(v.dtype)
 
 

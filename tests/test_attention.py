@@ -34,9 +34,10 @@ def rms(x, weight):
 
 
 def lam(module):
+    """lambda as a float64 tensor that gradients flow through."""
     a = torch.dot(module.q1.double(), module.k1.double())
     b = torch.dot(module.q2.double(), module.k2.double())
-    return math.exp(a.item()) - math.exp(b.item()) + module.lambda_init
+    return torch.exp(a) - torch.exp(b) + module.lambda_init
 
 
 def heads(t, num_heads):
@@ -142,6 +143,8 @@ VARIANTS = [
 
 @pytest.mark.parametrize("variant,softmax_mode,dwc", VARIANTS)
 def test_vca_matches_reference(variant, softmax_mode, dwc):
+    """Output and every gradient (input and parameters, through the hand-written backward of
+    the stacked-stream products) equal autograd through the reference, in float64."""
     g = torch.Generator().manual_seed(0)
     layer = 3
     mod = VisualContrastAttention(
@@ -155,8 +158,17 @@ def test_vca_matches_reference(variant, softmax_mode, dwc):
         dwc=dwc,
     ).double()
     randomise(mod, g)
-    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(mod(x), reference_vca(mod, x, layer), rtol=1e-9, atol=1e-9)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+    params = [x, *mod.parameters()]
+    out = mod(x)
+    grads = torch.autograd.grad((out * cotangent).sum(), params)
+    expected = reference_vca(mod, x, layer)
+    expected_grads = torch.autograd.grad((expected * cotangent).sum(), params)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    names = ["x", *(name for name, _ in mod.named_parameters())]
+    for name, got, want in zip(names, grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_vca_rectangular_contrast_grid_and_float32():
@@ -207,9 +219,11 @@ def test_lambda_init_schedule_and_lambda_value():
     assert lambda_init_for(0) == pytest.approx(0.2)
     mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=4)
     assert mod.lambda1.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-1.2))
-    expected = lam(mod.lambda1)
-    assert mod.lambda1().dtype == torch.float32
-    assert mod.lambda1().item() == pytest.approx(expected, rel=1e-6)
+    expected = lam(mod.lambda1).item()
+    value, init = mod.lambda1()
+    assert value.dtype == init.dtype == torch.float32
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    assert init.item() == pytest.approx(mod.lambda_init, rel=1e-6)
     # lambda vectors start near N(0, 0.1): the product term is small, lambda is near lambda_init
     assert all(abs(p.std().item() - 0.1) < 0.06 for p in mod.lambda1.parameters())
 
