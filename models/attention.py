@@ -136,24 +136,22 @@ class StreamDifference(torch.autograd.Function):
     scores both streams, and the difference of the maps is taken before the values are
     multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream.
 
-    As in flash attention, the backward recomputes the maps from the inputs and the fp32
-    log-sum-exp of every softmax row instead of keeping them: a layer's saved activations then
-    hold no (N x 2n) map per head, at the price of one more query @ key^T product."""
+    The backward recomputes the maps instead of keeping them, as flash attention does: a
+    layer's saved activations then hold no (N x 2n) map per head, at the price of one more
+    query @ key^T product and softmax."""
 
     @staticmethod
     def forward(ctx, query, key, value, lam, in_keys: bool, joint: bool):
-        attn, lse = StreamDifference.maps(query, key, None, in_keys, joint)
-        ctx.save_for_backward(query, key, value, lam, lse)
+        ctx.save_for_backward(query, key, value, lam)
         ctx.in_keys, ctx.joint = in_keys, joint
-        pos, neg = attn.unbind(-2 if in_keys else -3)
+        pos, neg = StreamDifference.maps(query, key, in_keys, joint).unbind(-2 if in_keys else -3)
         return torch.addcmul(pos, neg, lam, value=-1) @ value
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, lam, lse = ctx.saved_tensors
-        stream_dim = -2 if ctx.in_keys else -3
-        attn, _ = StreamDifference.maps(query, key, lse, ctx.in_keys, ctx.joint)
-        pos, neg = attn.unbind(stream_dim)
+        query, key, value, lam = ctx.saved_tensors
+        attn = StreamDifference.maps(query, key, ctx.in_keys, ctx.joint)
+        pos, neg = attn.unbind(-2 if ctx.in_keys else -3)
         grad_value = torch.addcmul(pos, neg, lam, value=-1).transpose(-1, -2) @ grad
         grad_diff = grad @ value.transpose(-1, -2)
         # The softmax backward, A * (dA - sum(dA * A)) per row with dA+ = grad_diff and
@@ -166,26 +164,23 @@ class StreamDifference(torch.autograd.Function):
         else:
             sub_pos, sub_neg = dot_pos, dot_neg * -lam
         pos.mul_(grad_diff - sub_pos)
-        neg.mul_(torch.addcmul(sub_neg, grad_diff, lam)).neg_()
+        neg.mul_(torch.addcmul(-sub_neg, grad_diff, lam, value=-1))
         grad_scores = attn.reshape(*grad.shape[:-2], query.shape[-2], key.shape[-2])
         grad_query = grad_scores @ key
         grad_key = grad_scores.transpose(-1, -2) @ query
         return grad_query, grad_key, grad_value, grad_lam, None, None
 
     @staticmethod
-    def maps(query, key, lse, in_keys: bool, joint: bool):
-        """The attention maps with the stream axis split out, (..., L, 2, n) when the streams
-        are the keys and (..., 2, n, S) when they are the queries, in the input dtype; and the
-        fp32 log-sum-exp of every softmax row (computed here when `lse` is None)."""
+    def maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
+        """softmax(query @ key^T) with the stream axis split out: (..., L, 2, n) when the streams
+        are the keys, (..., 2, n, S) when they are the queries. The backward calls it again
+        and gets the forward's maps exactly."""
         scores = query @ key.transpose(-1, -2)
         *batch, rows, cols = scores.shape
         streams = (*batch, rows, 2, cols // 2) if in_keys else (*batch, 2, rows // 2, cols)
         normalised = scores if joint else scores.view(streams)  # one softmax per last-dim row
-        if lse is None:
-            wide = torch.promote_types(scores.dtype, torch.float32)
-            lse = torch.logsumexp(normalised.to(wide), -1, keepdim=True)
-        attn = (normalised - lse).exp_().to(scores.dtype)
-        return attn.view(streams), lse
+        # An explicit dtype: CUDA autocast would otherwise return the map in fp32.
+        return torch.softmax(normalised, -1, dtype=scores.dtype).view(streams)
 
 
 def stream_difference(query, key, value, lam, in_keys: bool, joint: bool = False):
@@ -307,21 +302,57 @@ class VisualContrastAttention(Attention):
         return out
 
     def _depthwise_conv(self, v: torch.Tensor) -> torch.Tensor:
-        """`dwc` (3x3 depthwise, zero padding) of the (B, M, N, d) heads v on the grid, as
-        (B, N, C) tokens. Eager: oneDNN's conv on a channels-last copy of the grid (its output
-        is then (B, N, C) as it lies in memory). Under torch.compile, nine shifted multiply-adds
-        on (B, H, W, C) that inductor fuses: a convolution in the graph turns on inductor's
-        layout optimisation (always on CPUs with oneDNN), which stores the 4-D tensors up to the
-        graph's last convolution channels-last, the (B, M, N, d) attention tensors of every
-        block included (heads as the innermost dim), and the attention kernels become slow
-        strided loops."""
-        if not torch.compiler.is_compiling():
-            return self.dwc(self._grid(v)).flatten(2).transpose(1, 2)
-        (H, W), dtype = self.grid_size, torch.promote_types(v.dtype, torch.float32)
-        x = F.pad(merge_heads(v).reshape(v.shape[0], H, W, -1).to(dtype), (0, 0, 1, 1, 1, 1))
-        windows = x.unfold(1, 3, 1).unfold(2, 3, 1)  # (B, H, W, C, 3, 3), a view
-        out = (windows * self.dwc.weight[:, 0].to(dtype)).sum((-2, -1)) + self.dwc.bias.to(dtype)
-        return out.flatten(1, 2).to(v.dtype)
+        """`dwc` of the (B, M, N, d) heads v on the grid, as (B, N, C) tokens."""
+        weight, bias = self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype)
+        return depthwise_conv3x3(self._grid(v), weight, bias)
+
+
+@torch.library.custom_op("vca_dit::depthwise_conv3x3", mutates_args=())
+def depthwise_conv3x3(grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """3x3 depthwise convolution (zero padding) of a (B, C, H, W) grid, returned as (B, H*W, C)
+    tokens. A custom op, so torch.compile sees one opaque node: an aten convolution in the graph
+    turns on inductor's layout optimisation (always on CPUs with oneDNN), which stores the 4-D
+    tensors up to the graph's last convolution channels-last, the (B, M, N, d) attention
+    tensors of every block included, and the attention kernels become slow strided loops."""
+    out = F.conv2d(grid, weight, bias, padding=1, groups=grid.shape[1])
+    return out.flatten(2).transpose(1, 2).contiguous()
+
+
+@depthwise_conv3x3.register_fake
+def _(grid, weight, bias):
+    B, C, H, W = grid.shape
+    return grid.new_empty(B, H * W, C)
+
+
+@torch.library.custom_op("vca_dit::depthwise_conv3x3_backward", mutates_args=())
+def depthwise_conv3x3_backward(
+    grad: torch.Tensor, grid: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of depthwise_conv3x3 for the grid (channels-last), weight and bias."""
+    B, C, H, W = grid.shape
+    grad_image = grad.transpose(1, 2).reshape(B, C, H, W)
+    grad_grid, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_image, grid, weight, [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C, [True] * 3
+    )
+    return grad_grid.contiguous(memory_format=torch.channels_last), grad_weight, grad_bias
+
+
+@depthwise_conv3x3_backward.register_fake
+def _(grad, grid, weight):
+    grad_grid = torch.empty_like(grid, memory_format=torch.channels_last)
+    return grad_grid, torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _depthwise_conv3x3_setup(ctx, inputs, output):
+    grid, weight, _ = inputs
+    ctx.save_for_backward(grid, weight)
+
+
+def _depthwise_conv3x3_grad(ctx, grad):
+    return depthwise_conv3x3_backward(grad, *ctx.saved_tensors)
+
+
+depthwise_conv3x3.register_autograd(_depthwise_conv3x3_grad, setup_context=_depthwise_conv3x3_setup)
 
 
 def build_attention(kind: str, dim: int, num_heads: int, grid_size, layer_index: int, **opts):

@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.attention import (
@@ -217,6 +219,7 @@ def test_lambda_init_schedule_and_lambda_value():
             0.8 - 0.6 * math.exp(-0.3 * layer), abs=1e-15
         )
     assert lambda_init_for(0) == pytest.approx(0.2)
+    torch.manual_seed(0)
     mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=4)
     assert mod.lambda1.lambda_init == pytest.approx(0.8 - 0.6 * math.exp(-1.2))
     expected = lam(mod.lambda1).item()
@@ -286,31 +289,83 @@ def test_bad_options_raise():
         DifferentialAttention(C, 3)
 
 
-def test_compiled_depthwise_conv_is_the_convolution_without_a_conv_in_the_graph():
-    """Under torch.compile VCA's 3x3 depthwise conv is written as shifted multiply-adds, so the
-    graph holds no convolution (one would make inductor store every attention tensor
-    channels-last); forward and gradients equal the eager conv's, on a non-square grid."""
+def test_compiled_vca_equals_eager_without_a_conv_in_the_graph():
+    """Under torch.compile (AOT autograd, as inductor uses it) VCA's output and every gradient
+    equal eager mode's on a non-square grid, and the 3x3 depthwise conv is a custom op: the
+    graph holds no aten convolution, which would make inductor store every attention tensor
+    channels-last."""
     torch.manual_seed(0)
     layer = build_attention("vca", 32, 4, (6, 10), 2, contrast_grid=(3, 5)).double()
+    randomise(layer, torch.Generator().manual_seed(0))
     x = torch.randn(2, 60, 32, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(2, 60, 32, dtype=torch.float64)
     graphs = []
 
-    def recording_backend(gm, example_inputs):
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    params = [x, *layer.parameters()]
+    results = []
+    for run in (layer, compiled):
+        out = run(x)
+        results.append([out, *torch.autograd.grad((out * cotangent).sum(), params)])
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
+    assert len(graphs) == 2 and not any("aten.convolution" in op for op in ops), ops
+    assert {
+        "vca_dit.depthwise_conv3x3.default",
+        "vca_dit.depthwise_conv3x3_backward.default",
+    } <= ops
+
+
+@pytest.mark.parametrize("kind", ["mhsa", "vca", "diffattn"])
+def test_blocks_of_every_depth_share_one_compiled_graph(kind):
+    """lambda_init comes from an integer buffer, not a per-block Python float, so compiling one
+    layer's forward serves the layers of every depth without recompiling or breaking the
+    graph, as for plain attention."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
     torch._dynamo.reset()
-    compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
-    outputs, grads = [], []
-    for run in (layer, compiled):
-        layer.zero_grad()
-        x.grad = None
-        out = run(x)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        outputs.append(out.detach())
-        grads.append([x.grad.clone(), layer.dwc.weight.grad.clone(), layer.dwc.bias.grad.clone()])
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
-    for got, expected in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
-    assert graphs and not any("conv" in op for op in ops), ops
+    run = torch.compile(lambda layer, x: layer(x), backend=counting_backend, fullgraph=True)
+    x = torch.randn(1, 16, 32)
+    for depth in (0, 1, 5, 11):
+        run(
+            build_attention(
+                kind, 32, 4, (4, 4), depth, **({} if kind != "vca" else {"contrast_grid": 2})
+            ),
+            x,
+        )
+    assert len(graphs) == 1
+
+
+def test_vca_mixing_costs_three_quarters_of_attention_at_a_quarter_of_the_tokens():
+    """Both streams share one product per stage and the maps are differenced before the values
+    are multiplied: 6 n N d multiply-adds per head in the forward, against plain attention's
+    2 N^2 d; with n = N / 4 (the default 8 x 8 contrast grid on DiT-S/2's 16 x 16) that is
+    0.75x. Counted on the meta device, the depthwise conv left out."""
+    side, n_side, dim, heads = 16, 8, 384, 6
+    N, n, d = side * side, n_side * n_side, dim // heads
+
+    def mixing_flops(kind, **opts):
+        with torch.device("meta"):
+            layer = build_attention(kind, dim, heads, (side, side), 3, **opts)
+            q, k, v = (torch.empty(2, heads, N, d) for _ in range(3))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            layer.mix(q, k, v)
+        return counter.get_total_flops()
+
+    vca = mixing_flops("vca", contrast_grid=n_side, dwc=False)
+    mhsa = mixing_flops("mhsa")
+    assert vca == 2 * 2 * heads * 6 * n * N * d  # batch 2, 2 FLOPs per multiply-add
+    assert mhsa == 2 * 2 * heads * 2 * N * N * d
+    assert vca / mhsa == 0.75
