@@ -5,18 +5,20 @@
     python -m bench.attention --device cuda        # GPU rows, bf16
 
 Timings alternate between the attentions inside one run, so the ratios are side by side.
-Peak memory is torch's allocator peak on CUDA; on CPU (Linux) it is the growth of the peak
-resident set of a fresh process running the layer once (CPU has no allocator statistics).
+Peak memory is what one call adds: torch's allocator peak on CUDA, the peak of the bytes held
+by live tensors on CPU (counted op by op: deterministic, and blind to library workspaces).
 """
 
 import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from bench.common import device_name, requested_device, time_side_by_side
 from models import WIDTHS
@@ -71,52 +73,51 @@ def time_layers(layers, x, backward, reps, device):
 
 
 def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part):
-    """Peak memory (MB) that one call adds on top of the layer and its input."""
+    """Peak memory (MB) that one call adds on top of the layer and its input: the allocator's
+    peak on CUDA; on CPU, which keeps no allocator statistics, the peak of the bytes held by
+    live tensors, counted op by op (the same quantity, free of library workspaces and of
+    what glibc keeps)."""
+    layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name], part)
+    x = torch.randn(batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
+    x.requires_grad_(backward)
     if device.type == "cuda":
-        layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name], part)
-        x = torch.randn(batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
-        x.requires_grad_(backward)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         run_once(layer, x, backward)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.attention",
-        "--memory-probe",
-        kind,
-        width,
-        str(tokens),
-        str(batch),
-        dtype_name,
-        str(int(backward)),
-        part,
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    with LiveTensorBytes() as counter:
+        run_once(layer, x, backward)
+    return counter.peak / 2**20
 
 
-def memory_probe(kind, width, tokens, batch, dtype_name, backward, part):
-    """Runs in a fresh process: growth of the peak resident set (MB) over one call. Linux resets
-    the high-water mark on writing 5 to clear_refs, so earlier peaks (imports) do not hide it."""
-    layer, hidden = make_layer(kind, width, tokens, torch.device("cpu"), DTYPES[dtype_name], part)
-    x = torch.randn(batch, tokens, hidden, dtype=DTYPES[dtype_name], requires_grad=bool(backward))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = resident_kb("VmHWM")
-    run_once(layer, x, bool(backward))
-    print((resident_kb("VmHWM") - before) / 1024)
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensor storages that ops create while it is active and that are
+    still alive, and keeps the peak (views and in-place results add nothing)."""
 
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.storages = set()
 
-def resident_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size and key not in self.storages:
+                self.storages.add(key)
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._freed, key, size)
+        return out
+
+    def _freed(self, key, size):
+        self.storages.discard(key)
+        self.live -= size
 
 
 def main(argv=None):
@@ -164,13 +165,8 @@ def main(argv=None):
     parser.add_argument(
         "--out", default="bench/results/attention.json", help="where to write the JSON rows"
     )
-    parser.add_argument("--memory-probe", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.memory_probe:
-        kind, width, tokens, batch, dtype_name, backward, part = args.memory_probe
-        memory_probe(kind, width, int(tokens), int(batch), dtype_name, int(backward), part)
-        return
     device = requested_device(parser, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     base = args.attention[0]

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from engine.precision import compile_forward
+from engine.precision import compile_blocks
 from engine.sampling import (
     add_sampler_args,
     generate,
@@ -144,7 +144,7 @@ def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
     for mode in settings:
         model = base if mode == "reference" else copy.deepcopy(base)
         if settings[mode]["compile"]:
-            compile_forward(model, settings[mode]["compile"])
+            compile_blocks(model, settings[mode]["compile"])
         precision = settings[mode]["precision"]
         drawers[mode] = Drawer(model, codec, family, spec, precision, args, noise, labels)
     warmup = {

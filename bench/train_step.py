@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.ema import create_ema
+from engine.precision import compile_blocks
 from engine.sampling import create_objective
 from engine.step import TrainStep, batch_latents, create_optimizer
 from models import ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
@@ -83,13 +84,12 @@ class Setup:
         self.model = copy.deepcopy(base_model).to(device).train()
         self.ema = create_ema(self.model)
         self.opt = create_optimizer(self.model, lr=1e-4, fused=settings["fused_adamw"])
-        network = self.model
         if settings["compile"]:
-            network = torch.compile(self.model, backend=settings["compile"])
+            compile_blocks(self.model, settings["compile"])
         family = parse_model_name(args.model)[0]
         self.train_step = TrainStep(
             self.model,
-            network,
+            self.model,
             create_objective(family, {}),
             self.opt,
             self.ema,

@@ -22,7 +22,7 @@ from models.codec import Codec, load_codec
 
 from .checkpoint import load_checkpoint
 from .errors import UsageError
-from .precision import add_precision_args, compile_forward, resolve_compile, resolve_precision
+from .precision import add_precision_args, compile_blocks, resolve_compile, resolve_precision
 from .sampling import add_objective_args, objective_config
 
 DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
@@ -323,7 +323,7 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
     _load_state(model, state, path, f"{name} with {attention} attention")
     model = model.to(device).eval().requires_grad_(False)
     if resolve_compile(args.compile, device):
-        compile_forward(model)
+        compile_blocks(model)
 
     in_channels = shapes["in_channels"]
     if args.cfg_channels is not None and not 1 <= args.cfg_channels <= in_channels:

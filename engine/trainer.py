@@ -37,7 +37,7 @@ from .ema import create_ema
 from .errors import UsageError
 from .images import make_grid, save_png, to_uint8
 from .logger import RunLogger
-from .precision import apply_precision, resolve_compile, resolve_precision
+from .precision import apply_precision, compile_blocks, resolve_compile, resolve_precision
 from .sampling import (
     create_objective,
     derive_seed,
@@ -144,12 +144,12 @@ class Trainer:
         self.model.grad_checkpoint = args.grad_checkpoint
         self.ema = create_ema(self.model)
         self.opt = create_optimizer(self.model, args.lr, args.weight_decay)
+        if args.compile:
+            compile_blocks(self.model)
         network = self.model
         if world > 1:
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
             network = DistributedDataParallel(self.model, device_ids=ids)
-        if args.compile:
-            network = torch.compile(network)
         self.train_step = TrainStep(
             self.model,
             network,

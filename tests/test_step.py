@@ -12,7 +12,7 @@ from engine.ema import create_ema
 from engine.precision import (
     add_precision_args,
     apply_precision,
-    compile_forward,
+    compile_blocks,
     resolve_compile,
     resolve_precision,
 )
@@ -154,17 +154,18 @@ def test_precision_and_compile_defaults():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_compiled_forward_serves_guided_sampling():
-    """forward_with_cfg goes through the compiled forward (traced by dynamo; the aot_eager
-    backend skips inductor's minutes of code generation) and gives the eager numbers."""
+def test_compiled_blocks_share_one_graph_and_serve_guided_sampling():
+    """compile_blocks compiles every VCA block of a 6-block model into one shared graph (traced
+    by dynamo; the aot_eager backend skips inductor's code generation), and forward_with_cfg
+    runs it with the eager numbers."""
     model = tiny_sit().eval()
     x, t, y = torch.randn(4, 4, 8, 8), torch.rand(4), torch.tensor([1, 2, 10, 10])
     with torch.no_grad():
         expected = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
         torch._dynamo.reset()
-        compile_forward(model, "aot_eager")
+        compile_blocks(model, "aot_eager")
         counter = torch._dynamo.utils.counters
         counter.clear()
         got = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
-    assert counter["stats"]["unique_graphs"] >= 1
+    assert len(model.blocks) == 6 and counter["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(got, expected)
