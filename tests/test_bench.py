@@ -51,3 +51,22 @@ def test_mixing_only_equals_the_layer_without_its_projections():
         with torch.no_grad():
             via_mixing = layer.proj(MixingOnly(layer)(layer.qkv(x)))
             torch.testing.assert_close(via_mixing, layer(x))
+
+
+def test_live_tensor_bytes_is_the_peak_of_the_storages_alive_at_once():
+    """The CPU memory column: new storages count until they are freed; inputs made before,
+    views and in-place results add nothing."""
+    import torch
+
+    from bench.attention import LiveTensorBytes
+
+    x = torch.ones(1000)
+    with LiveTensorBytes() as counter:
+        a = x * 2  # 4000 bytes alive
+        b = a + 1  # 8000
+        view = b[10:]
+        b.mul_(3)
+        del a  # 4000
+        c = torch.cat([b, b])  # 4000 + 8000: the peak
+        del b, view, c
+    assert counter.peak == 12000 and counter.live == 0
