@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) -m bench.attention --part mixing --widths S XL --tokens 256 1024 4096 \
 	    --out bench/results/attention-mixing.json
 	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 3
+	$(PY) -m bench.compile_time --model DiT-S/2 --image-size 256 --batch 4
 	$(PY) -m bench.sampling --batch 1 --steps 25
 	$(PY) -m bench.report
 
@@ -62,6 +63,8 @@ bench-gpu: $(STAMP)
 	    --out bench/results/gpu/attention.json
 	$(PY) -m bench.attention --device cuda --part mixing --widths S XL --tokens 256 1024 4096 \
 	    --out bench/results/gpu/attention-mixing.json
+	$(PY) -m bench.compile_time --device cuda --model DiT-XL/2 --batch 32 \
+	    --out bench/results/gpu/compile_time.json
 	for run in $(GPU_TRAIN_RUNS); do \
 	    set -- $$(echo $$run | tr : ' '); \
 	    $(PY) -m bench.train_step --device cuda --model DiT-$$1/2 --image-size $$2 --batch $$3 \

@@ -17,6 +17,7 @@ import sys
 import weakref
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -70,6 +71,20 @@ def time_layers(layers, x, backward, reps, device):
         run_once(layer, x, backward)
     runs = {kind: functools.partial(run_once, layer, x, backward) for kind, layer in layers.items()}
     return time_side_by_side(runs, reps, device)
+
+
+def operator_table(kind, args, device, dtype, rows: int = 15) -> str:
+    """The operators that take the most self time over --reps forward+backward calls."""
+    layer, hidden = make_layer(kind, args.widths[0], args.tokens[0], device, dtype, args.part)
+    x = torch.randn(args.batch, args.tokens[0], hidden, device=device, dtype=dtype)
+    x.requires_grad_(True)
+    run_once(layer, x, True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.reps):
+            run_once(layer, x, True)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
 def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part):
@@ -165,11 +180,22 @@ def main(argv=None):
     parser.add_argument(
         "--out", default="bench/results/attention.json", help="where to write the JSON rows"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the table, torch.profiler's operator table of --reps forward+backward "
+        "calls of each mixer at the first width and token count: where the time goes",
+    )
     args = parser.parse_args(argv)
 
     device = requested_device(parser, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     base = args.attention[0]
+    if args.profile:
+        for kind in args.attention:
+            print(f"{kind}, {args.part}, {args.widths[0]} width, {args.tokens[0]} tokens, fwd+bwd:")
+            print(operator_table(kind, args, device, DTYPES[dtype_name]))
+        return
 
     rows = []
     header = ["width", "N", "pass"] + [f"{k} ms" for k in args.attention]
@@ -221,7 +247,8 @@ def main(argv=None):
             del layers, x
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"argv": sys.argv[1:], "torch": torch.__version__, "rows": rows}, f, indent=1)
+        payload = {"argv": sys.argv[1:], "torch": torch.__version__, "device": device_name(device)}
+        json.dump({**payload, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -18,12 +18,13 @@ from PIL import Image, ImageDraw
 
 from engine.images import save_png
 
-from . import sampling, train_step
+from . import compile_time, sampling, train_step
 
-BENCHMARKS = ("attention", "train_step", "sampling")
+BENCHMARKS = ("attention", "train_step", "compile_time", "sampling")
 TITLES = {
     "attention": "Attention layer: MHSA against VCA",
     "train_step": "Training step: original DiT recipe (reference) against ours (fast)",
+    "compile_time": "Cold compile time of the training step's blocks",
     "sampling": "Sampling, VAE decode included: sample.py recipe (reference) against ours (fast)",
 }
 
@@ -32,15 +33,18 @@ def attention_table(payload: dict) -> tuple[list, list]:
     rows = payload["rows"]
     kinds = list(rows[0]["ms"])
     base = kinds[0]
-    header = ["width", "N", "pass", "dtype"] + [f"{k} ms" for k in kinds]
+    memory = "peak_mb" in rows[0]
+    header = ["part", "width", "N", "pass", "dtype"] + [f"{k} ms" for k in kinds]
     header += [f"{k} vs {base}" for k in kinds[1:]]
+    header += [f"{k} MB" for k in kinds] if memory else []
     cells = []
     for row in rows:
         speed = row["speedup_vs_" + base]
         cells.append(
-            [row["width"], str(row["tokens"]), row["pass"], row["dtype"]]
+            [row.get("part", "layer"), row["width"], str(row["tokens"]), row["pass"], row["dtype"]]
             + [f"{row['ms'][k]:.2f}" for k in kinds]
             + [f"{speed[k]:.2f}x" for k in kinds[1:]]
+            + ([f"{row['peak_mb'][k]:.1f}" for k in kinds] if memory else [])
         )
     return header, cells
 
@@ -48,6 +52,7 @@ def attention_table(payload: dict) -> tuple[list, list]:
 TABLES = {
     "attention": attention_table,
     "train_step": train_step.table,
+    "compile_time": compile_time.table,
     "sampling": sampling.table,
 }
 
@@ -55,6 +60,8 @@ TABLES = {
 def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
     """(label, ratio) bars: fast against reference, and each mixer against the first."""
     bars, first = [], payload["rows"][0].get("attention")
+    if name == "compile_time":
+        return bars
     for row in payload["rows"]:
         if name == "attention":
             for kind, value in row["speedup_vs_" + next(iter(row["ms"]))].items():
