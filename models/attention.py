@@ -267,12 +267,12 @@ class VisualContrastAttention(Attention):
         B, M, _, d = q.shape
         pos = self.contrast_pos.to(q.dtype)
         neg = pos if self.contrast_neg is None else self.contrast_neg.to(q.dtype)
-        tokens = torch.stack([pos, neg]).unflatten(-1, (M, d)).permute(2, 0, 1, 3)[None]
-        # (1, M, 2, n, d)
+        streams = torch.stack([pos, neg]).unflatten(-1, (M, d))  # (2, n, M, d)
+        tokens = streams.permute(2, 0, 1, 3).unsqueeze(0)  # (1, M, 2, n, d)
         if self.variant == "diff":
             first_half = torch.arange(d, device=q.device) < d // 2
-            tokens = tokens * torch.stack([first_half, ~first_half]).unsqueeze(1)
-            tokens = tokens * (d // 2) ** -0.5
+            halves = torch.stack([first_half, ~first_half]).unsqueeze(1)  # (2, 1, d)
+            tokens = tokens * (halves * (d // 2) ** -0.5)
         elif self.variant == "emb":
             tokens = tokens * d**-0.5
         else:
