@@ -272,7 +272,7 @@ class VisualContrastAttention(Attention):
         if self.variant == "diff":
             first_half = torch.arange(d, device=q.device) < d // 2
             halves = torch.stack([first_half, ~first_half]).unsqueeze(1)  # (2, 1, d)
-            tokens = tokens * (halves * (d // 2) ** -0.5)
+            tokens = tokens * (halves.to(q.dtype) * (d // 2) ** -0.5)
         elif self.variant == "emb":
             tokens = tokens * d**-0.5
         else:
