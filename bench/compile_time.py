@@ -58,7 +58,13 @@ def main(argv=None):
         description="Cold compile time of the training step's blocks, MHSA against VCA.",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    parser.add_argument("--model", default="DiT-S/2", choices=MODEL_NAMES, metavar="NAME")
+    parser.add_argument(
+        "--model",
+        default="DiT-S/2",
+        choices=MODEL_NAMES,
+        metavar="NAME",
+        help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
+    )
     parser.add_argument("--image-size", type=int, default=256, help="pixels (latents: / 8)")
     parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     parser.add_argument(

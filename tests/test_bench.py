@@ -70,3 +70,22 @@ def test_live_tensor_bytes_is_the_peak_of_the_storages_alive_at_once():
         c = torch.cat([b, b])  # 4000 + 8000: the peak
         del b, view, c
     assert counter.peak == 12000 and counter.live == 0
+
+
+def test_compile_time_benchmark_compiles_each_attention_in_a_fresh_process(tmp_path):
+    """Each attention compiles in its own process (an empty inductor cache); compile time is
+    the first step less the later ones, and the report gets a table of it."""
+    out = tmp_path / "compile_time.json"
+    cmd = [sys.executable, "-m", "bench.compile_time", "--model", "DiT-T/4", "--image-size",
+           "64", "--batch", "2", "--backend", "eager", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attention"] for r in rows] == ["mhsa", "vca"]
+    for row in rows:
+        assert abs(row["compile_s"] - (row["first_step_s"] - row["step_s"])) < 1e-9
+        assert row["first_step_s"] > row["step_s"] > 0
+    report = subprocess.run([sys.executable, "-m", "bench.report", "--dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "## Cold compile time" in (tmp_path / "README.md").read_text()
