@@ -84,7 +84,7 @@ def bar_chart(bars: list[tuple[str, float]], path: str, title: str) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black")
-    span = max(1.0, max(abs(np.log2(v)) for _, v in bars))
+    span = max([1.0] + [abs(np.log2(v)) for _, v in bars])
     scale = 200 / span  # pixels per doubling
     origin = left + 210
     for i, (label, value) in enumerate(bars):
