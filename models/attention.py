@@ -1,10 +1,11 @@
 """Token mixers for the DiT backbone: plain MHSA, Visual-Contrast Attention and its ablations,
 and Differential Attention.
 
-Every mixer takes and returns (B, N, C) tokens laid out on an H x W grid, owns `qkv` and `proj`
-linear layers with the official DiT key names, and calls `F.scaled_dot_product_attention` for
-each attention product so fused kernels apply. VCA never forms an N x N map: both of its stages
-cost O(N * n * d) per head, n being the number of contrast tokens.
+Every mixer takes and returns (B, N, C) tokens laid out on an H x W grid and owns `qkv` and
+`proj` linear layers with the official DiT key names. MHSA and Differential Attention run on
+`F.scaled_dot_product_attention`'s fused kernels. VCA never forms an N x N map: each of its
+stages is one product of the N tokens with 2n stacked contrast-stream tokens
+(`StreamDifference`), O(N * n * d) per head, n being the number of contrast tokens.
 """
 
 import math
