@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from models import ATTENTIONS, MODEL_NAMES
 from models.codec import VAECodec, load_codec
 
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json): random weights cost exactly what
@@ -33,6 +34,25 @@ def add_vae_args(parser) -> None:
         help="architecture of the random VAE when --vae is not given: sd (default) or tiny "
         "(a 4-level toy for tests)",
     )
+
+
+def add_setup_args(parser, attention_help: str) -> None:
+    """--device, --model, --attention, --image-size and --batch of the model benchmarks."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    parser.add_argument(
+        "--model",
+        default="DiT-S/2",
+        choices=MODEL_NAMES,
+        metavar="NAME",
+        help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
+    )
+    parser.add_argument(
+        "--attention", nargs="+", default=["mhsa", "vca"], choices=ATTENTIONS, help=attention_help
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="image side in pixels (default 256)"
+    )
+    parser.add_argument("--batch", type=int, default=4, help="global batch size (default 4)")
 
 
 def add_compile_args(parser) -> None:

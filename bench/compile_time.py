@@ -20,9 +20,16 @@ import time
 import torch
 
 from engine.precision import autocast_context, compile_blocks
-from models import ATTENTIONS, MODEL_NAMES, create_model
+from models import create_model
 
-from .common import device_name, fast_precision, print_table, requested_device, write_json
+from .common import (
+    add_setup_args,
+    device_name,
+    fast_precision,
+    print_table,
+    requested_device,
+    write_json,
+)
 
 
 def one_attention(args) -> dict:
@@ -57,23 +64,7 @@ def main(argv=None):
         prog="python -m bench.compile_time",
         description="Cold compile time of the training step's blocks, MHSA against VCA.",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    parser.add_argument(
-        "--model",
-        default="DiT-S/2",
-        choices=MODEL_NAMES,
-        metavar="NAME",
-        help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
-    )
-    parser.add_argument("--image-size", type=int, default=256, help="pixels (latents: / 8)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        default=["mhsa", "vca"],
-        choices=ATTENTIONS,
-        help="mixers to compile, each in its own process; the first is the baseline",
-    )
+    add_setup_args(parser, "mixers to compile, each in its own process; the first is the baseline")
     parser.add_argument(
         "--backend",
         default="inductor",

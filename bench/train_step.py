@@ -34,10 +34,11 @@ from engine.ema import create_ema
 from engine.precision import compile_blocks
 from engine.sampling import create_objective
 from engine.step import TrainStep, batch_latents, create_optimizer
-from models import ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
+from models import create_model, parse_model_name
 
 from .common import (
     add_compile_args,
+    add_setup_args,
     add_vae_args,
     build_codec,
     compile_setting,
@@ -217,25 +218,7 @@ def main(argv=None):
         description="Images/s, peak memory and MFU of one training step: the original DiT "
         "recipe (reference) against ours (fast), side by side.",
     )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
-    parser.add_argument(
-        "--model",
-        default="DiT-S/2",
-        choices=MODEL_NAMES,
-        metavar="NAME",
-        help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
-    )
-    parser.add_argument(
-        "--attention",
-        nargs="+",
-        default=["mhsa", "vca"],
-        choices=ATTENTIONS,
-        help="token mixers to measure, each in both modes (default: mhsa vca)",
-    )
-    parser.add_argument(
-        "--image-size", type=int, default=256, help="image side in pixels (default 256)"
-    )
-    parser.add_argument("--batch", type=int, default=4, help="global batch size (default 4)")
+    add_setup_args(parser, "token mixers to measure, each in both modes (default: mhsa vca)")
     parser.add_argument(
         "--warmup",
         type=int,
