@@ -11,8 +11,6 @@ by live tensors on CPU (counted op by op: deterministic, and blind to library wo
 
 import argparse
 import functools
-import json
-import os
 import sys
 import weakref
 
@@ -21,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bench.common import device_name, requested_device, time_side_by_side
+from bench.common import device_name, requested_device, time_side_by_side, write_json
 from models import WIDTHS
 from models.attention import build_attention
 
@@ -245,11 +243,8 @@ def main(argv=None):
                 print("| " + " | ".join(cells) + " |", flush=True)
                 rows.append(row)
             del layers, x
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        payload = {"argv": sys.argv[1:], "torch": torch.__version__, "device": device_name(device)}
-        json.dump({**payload, "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}")
+    payload = {"argv": sys.argv[1:], "torch": torch.__version__, "device": device_name(device)}
+    write_json(args.out, {**payload, "rows": rows})
 
 
 if __name__ == "__main__":

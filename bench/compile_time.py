@@ -109,7 +109,7 @@ def table(payload: dict) -> tuple[list, list]:
             f"{r['step_s']:.2f}",
             f"{r['compile_s']:.1f}",
             f"{r['compile_s'] / base['compile_s']:.2f}x",
-        ]  # fmt: skip
+        ]
         for r in rows
     ]
     return header, cells
