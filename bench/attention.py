@@ -21,7 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 from bench.common import device_name, requested_device, time_side_by_side, write_json
 from models import WIDTHS
-from models.attention import build_attention
+from models.attention import InlineCustomOps, build_attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -100,7 +100,7 @@ def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, par
         run_once(layer, x, backward)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    with LiveTensorBytes() as counter:
+    with LiveTensorBytes() as counter, InlineCustomOps():
         run_once(layer, x, backward)
     return counter.peak / 2**20
 

@@ -35,6 +35,7 @@ from engine.precision import compile_blocks
 from engine.sampling import create_objective
 from engine.step import TrainStep, batch_latents, create_optimizer
 from models import create_model, parse_model_name
+from models.attention import InlineCustomOps
 
 from .common import (
     add_compile_args,
@@ -154,7 +155,8 @@ def step_flops(base_model, args, latent_channels, latent_side, device) -> int:
     objective = create_objective(parse_model_name(args.model)[0], {})
     x = torch.randn(1, latent_channels, latent_side, latent_side, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter, InlineCustomOps():
         objective.training_losses(model, x, model_kwargs={"y": y})["loss"].mean().backward()
     return counter.get_total_flops() * args.batch
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import ATTENTION_HELP, ATTENTIONS, MODEL_NAMES, create_model
+from .attention import InlineCustomOps
 
 
 def count(name: str, attention: str, image_size: int, num_classes: int = 1000) -> dict:
@@ -19,7 +20,7 @@ def count(name: str, attention: str, image_size: int, num_classes: int = 1000) -
         t = torch.zeros(1)
         y = torch.zeros(1, dtype=torch.long)
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, InlineCustomOps(), torch.no_grad():
         model(x, t, y)
     params = sum(p.numel() for p in model.parameters())
     return {

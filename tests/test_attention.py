@@ -12,9 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.attention import (
     ATTENTIONS,
     DifferentialAttention,
+    InlineCustomOps,
     VisualContrastAttention,
     build_attention,
     lambda_init_for,
+    stream_difference_op,
 )
 
 B, H, W, C, HEADS = 2, 8, 8, 48, 4
@@ -269,7 +271,7 @@ def test_vca_cost_is_linear_in_tokens():
             mod = build_attention(kind, 384, 6, (side, side), 0)
             x = torch.empty(1, side * side, 384)
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, InlineCustomOps():
             mod(x)
         linear = 2 * side * side * 384 * 384 * 4  # qkv + proj, identical for both
         return counter.get_total_flops() - linear
@@ -289,11 +291,12 @@ def test_bad_options_raise():
         DifferentialAttention(C, 3)
 
 
-def test_compiled_vca_equals_eager_without_a_conv_in_the_graph():
+def test_compiled_vca_equals_eager_without_a_conv_or_a_map_in_the_graph():
     """Under torch.compile (AOT autograd, as inductor uses it) VCA's output and every gradient
-    equal eager mode's on a non-square grid, and the 3x3 depthwise conv is a custom op: the
-    graph holds no aten convolution, which would make inductor store every attention tensor
-    channels-last."""
+    equal eager mode's on a non-square grid. The 3x3 depthwise conv is a custom op: the graph
+    holds no aten convolution, which would make inductor store every attention tensor
+    channels-last. The stream difference is one too: the graph forms no softmax map that the
+    partitioner could save for the backward instead of recomputing it."""
     torch.manual_seed(0)
     layer = build_attention("vca", 32, 4, (6, 10), 2, contrast_grid=(3, 5)).double()
     randomise(layer, torch.Generator().manual_seed(0))
@@ -317,10 +320,49 @@ def test_compiled_vca_equals_eager_without_a_conv_in_the_graph():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
     assert len(graphs) == 2 and not any("aten.convolution" in op for op in ops), ops
+    assert not any("softmax" in op for op in ops), ops
     assert {
         "vca_dit.depthwise_conv3x3.default",
         "vca_dit.depthwise_conv3x3_backward.default",
+        "vca_dit.stream_difference.default",
+        "vca_dit.stream_difference_backward.default",
     } <= ops
+
+
+@pytest.mark.parametrize(
+    "in_keys, joint", [(False, False), (True, False), (True, True)], ids=["I", "II", "II-joint"]
+)
+def test_stream_difference_op_passes_torch_library_opcheck(in_keys, joint):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the custom op agree
+    with its eager behaviour, on strided head views like the ones the qkv projection gives."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 12, 3, 4, 8, generator=g).permute(2, 0, 3, 1, 4)  # (3, B, M, N, d)
+    tokens = torch.randn(2, 4, 6, 8, generator=g)
+    if in_keys:
+        args = (qkv[0], tokens, torch.randn(2, 4, 3, 8, generator=g))
+    else:
+        args = (tokens, qkv[1], qkv[2])
+    args = [t.requires_grad_() for t in (*args, torch.tensor(0.4))]
+    torch.library.opcheck(stream_difference_op, (*args, in_keys, joint))
+
+
+def test_inline_custom_ops_lets_a_dispatch_mode_see_inside_the_stream_difference():
+    """Counted as one op, the stream difference would show only its output; inlined, the live
+    bytes include the (N x 2n) scores and maps it forms, and the FLOPs its two products."""
+    from bench.attention import LiveTensorBytes
+
+    N, n, d = 512, 32, 16
+    q, v = torch.randn(1, 1, N, d), torch.randn(1, 1, n, d)
+    tokens, lam = torch.randn(1, 1, 2 * n, d), torch.tensor(0.5)
+    with LiveTensorBytes() as opaque:
+        stream_difference_op(q, tokens, v, lam, True, False)
+    with LiveTensorBytes() as inlined, InlineCustomOps():
+        stream_difference_op(q, tokens, v, lam, True, False)
+    with FlopCounterMode(display=False) as flops, InlineCustomOps():
+        stream_difference_op(q, tokens, v, lam, True, False)
+    assert opaque.peak == N * d * 4
+    assert inlined.peak >= 2 * N * 2 * n * 4  # scores and maps alive at once
+    assert flops.get_total_flops() == 2 * (N * 2 * n * d + N * n * d)
 
 
 @pytest.mark.parametrize("kind", ["mhsa", "vca", "diffattn"])
@@ -360,7 +402,7 @@ def test_vca_mixing_costs_three_quarters_of_attention_at_a_quarter_of_the_tokens
             layer = build_attention(kind, dim, heads, (side, side), 3, **opts)
             q, k, v = (torch.empty(2, heads, N, d) for _ in range(3))
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, InlineCustomOps():
             layer.mix(q, k, v)
         return counter.get_total_flops()
 
