@@ -13,30 +13,17 @@ command after an interruption and only the missing shards are drawn.
 """
 
 import argparse
-import json
 import os
 import sys
 
-import torch
-
-from data import DataError, iter_folder_images
+from common import InputError, iter_npz_array
+from data import iter_folder_images
 from engine import dist
 from engine.errors import UsageError
-from engine.loading import add_model_args, load_model
-from engine.precision import apply_precision
-from engine.sample_set import generate_sample_set, merge_shards, write_settings
-from engine.sampling import add_sampler_args, sampler_from_args, sampling_objective
-from metrics import (
-    InceptionFeatures,
-    MetricsError,
-    evaluate,
-    iter_npz_array,
-    load_reference,
-    npz_array_info,
-    write_reference,
-)
-from metrics.demo_classifier import demo_metrics, load_or_train
-from models.codec import CodecError
+from engine.loading import add_model_args
+from engine.sample_set import add_sample_set_args, draw_sample_set
+from engine.sampling import add_sampler_args
+from metrics import InceptionFeatures, evaluate_file, write_reference, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,29 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_model_args(parser, cfg_scale=1.0, ckpt_required=False, precision="tf32")
-    add_sampler_args(parser)
-    g = parser.add_argument_group("sample set")
-    g.add_argument("--num-samples", type=int, default=50_000, help="images to draw (default 50000)")
-    g.add_argument(
-        "--labels",
-        choices=["uniform", "balanced"],
-        default="uniform",
-        help="uniform-random labels keyed to the sample index (DiT/ADM, default) or balanced "
-        "(an equal number per class, e.g. 50 x 1000)",
-    )
-    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process")
-    g.add_argument(
-        "--shard-size",
-        type=int,
-        default=1000,
-        help="images per shard file, the unit of resumption (default 1000)",
-    )
-    g.add_argument(
-        "--sample-dir",
-        default=None,
-        help="folder for the shards and samples.npz (default: fid-samples/<checkpoint>-<settings>)",
-    )
+    add_model_args(parser, ckpt_required=False, precision="tf32")
+    add_sampler_args(parser, cfg_scale=1.0)
+    add_sample_set_args(parser)
     g = parser.add_argument_group("evaluation")
     g.add_argument(
         "--ref",
@@ -115,129 +82,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_of(args, loaded, spec) -> dict:
-    """Everything that changes the sample set, recorded in the shards' folder and the JSON."""
-    return {
-        "checkpoint": loaded.path,
-        "weights": args.weights,
-        "model": loaded.name,
-        "attention": loaded.attention,
-        "image_size": loaded.image_size,
-        "vae": loaded.vae,
-        "num_classes": loaded.num_classes,
-        "sampler": spec.describe(),
-        "cfg_scale": args.cfg_scale,
-        "cfg_channels": args.cfg_channels,
-        "labels": args.labels,
-        "seed": args.seed,
-        "precision": loaded.precision,
-        "num_samples": args.num_samples,
-    }
-
-
-def default_sample_dir(args, loaded, spec) -> str:
-    stem = os.path.splitext(os.path.basename(loaded.path))[0]
-    parts = [
-        stem,
-        args.weights,
-        spec.method,
-        str(spec.steps),
-        f"cfg{args.cfg_scale:g}",
-        args.labels,
-        f"seed{args.seed}",
-        f"n{args.num_samples}",
-    ]
-    return os.path.join("fid-samples", "-".join(parts))
-
-
-def draw_samples(args, info) -> tuple[str, dict]:
-    """Sample (all ranks), merge (rank 0); returns the samples.npz path and the settings."""
-    loaded = load_model(args, info.device)
-    apply_precision(loaded.precision)
-    spec = sampler_from_args(loaded.family, args)
-    objective = sampling_objective(loaded.family, loaded.objective, spec)
-    settings = settings_of(args, loaded, spec)
-    folder = args.sample_dir or default_sample_dir(args, loaded, spec)
-    if info.is_main:
-        write_settings(folder, settings)
-    dist.barrier()
-    generate_sample_set(
-        loaded,
-        objective,
-        spec,
-        loaded.codec,
-        folder,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        labels=args.labels,
-        cfg_scale=args.cfg_scale,
-        cfg_channels=args.cfg_channels,
-        precision=loaded.precision,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        rank=info.rank,
-        world_size=info.world_size,
-        progress=info.is_main,
+def score(args, samples_path: str, settings: dict) -> None:
+    """Metrics of the samples, printed as a table and written beside them as JSON."""
+    result = evaluate_file(
+        samples_path,
+        args.ref,
+        num_classes=settings.get("num_classes"),
+        expected_count=settings.get("num_samples"),
+        inception_weights=args.inception_weights,
+        device=dist.resolve_device(args.device),
+        batch_size=args.eval_batch_size,
+        progress=sys.stderr.isatty(),
     )
-    dist.barrier()
-    out = os.path.join(folder, "samples.npz")
-    if info.is_main:
-        merge_shards(folder, args.num_samples, args.shard_size, out)
-        print(f"samples: {out}")
-    return out, settings
-
-
-def run_evaluation(args, samples_path: str, settings: dict) -> dict:
-    shape, dtype = npz_array_info(samples_path)
-    if len(shape) != 4 or shape[-1] != 3 or dtype != "uint8":
-        raise MetricsError(
-            f"{samples_path}: arr_0 is {dtype} {tuple(shape)}; samples must be uint8 N x H x W x 3"
-        )
-    if args.num_samples and args.samples is None and shape[0] != args.num_samples:
-        raise MetricsError(f"{samples_path} holds {shape[0]} images, not {args.num_samples}")
-    if args.ref == "synthetic":
-        scorer = load_or_train(shape[1], settings.get("num_classes") or 10)
-        images = iter_npz_array(samples_path, "arr_0", args.eval_batch_size)
-        labels = iter_npz_array(samples_path, "arr_1", args.eval_batch_size)
-        result = demo_metrics(zip(images, labels, strict=True), scorer)
-    else:
-        reference = load_reference(args.ref)
-        extractor = InceptionFeatures(args.inception_weights, device=device_for(args))
-        batches = iter_npz_array(samples_path, batch_size=args.eval_batch_size)
-        result = evaluate(batches, reference, extractor, progress=sys.stderr.isatty())
     report = {"samples": samples_path, "reference": args.ref, **settings, "metrics": result}
     json_path = args.json or os.path.splitext(samples_path)[0] + "-metrics.json"
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(json_path + ".tmp", json_path)
-    print_table(result, json_path)
-    return report
-
-
-def print_table(result: dict, json_path: str) -> None:
-    names = {
-        "fid": "FID",
-        "sfid": "sFID",
-        "inception_score": "Inception Score",
-        "precision": "Precision",
-        "recall": "Recall",
-        "class_accuracy": "class accuracy (demo classifier)",
-        "real_accuracy": "class accuracy of real images",
-        "frechet_distance": "Frechet distance (demo classifier features)",
-        "num_samples": "samples",
-    }
-    print("| metric | value |\n|---|---|")
-    for key, name in names.items():
-        if key not in result:
-            continue
-        value = result[key]
-        text = "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else value)
-        print(f"| {name} | {text} |")
+    print(write_report(report, json_path))
     print(f"results: {json_path}")
 
 
 def make_reference(args) -> None:
-    extractor = InceptionFeatures(args.inception_weights, device=device_for(args))
+    extractor = InceptionFeatures(args.inception_weights, device=dist.resolve_device(args.device))
     if args.images.endswith(".npz"):
         batches = iter_npz_array(args.images, batch_size=args.eval_batch_size)
     elif args.image_size is None:
@@ -248,12 +112,6 @@ def make_reference(args) -> None:
         batches, args.make_ref, extractor, keep_images=args.ref_images, progress=sys.stderr.isatty()
     )
     print(f"reference statistics: {args.make_ref}")
-
-
-def device_for(args) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def main(argv=None) -> int:
@@ -268,16 +126,16 @@ def main(argv=None) -> int:
         if args.samples:
             if not args.ref:
                 raise UsageError("--samples needs --ref to evaluate against")
-            run_evaluation(args, args.samples, {"num_samples": None})
+            score(args, args.samples, {})
             return 0
         if not args.ckpt:
             raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
         info = dist.setup(args.device)
-        samples_path, settings = draw_samples(args, info)
+        samples_path, settings = draw_sample_set(args, info)
         if args.ref and info.is_main:
-            run_evaluation(args, samples_path, settings)
+            score(args, samples_path, settings)
         dist.cleanup()
-    except (UsageError, DataError, CodecError, MetricsError) as err:
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -17,17 +17,12 @@ import sys
 import numpy as np
 import torch
 
-from engine.images import make_grid, save_png, to_uint8
+from common import InputError
+from engine.errors import UsageError
+from engine.images import make_grid, save_png
 from engine.loading import add_model_args, load_model
 from engine.precision import apply_precision
-from engine.sampling import (
-    add_sampler_args,
-    generate,
-    index_generators,
-    index_noise,
-    sampler_from_args,
-    sampling_objective,
-)
+from engine.sampling import add_sampler_args, sample_batches
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py: ImageNet classes
 
@@ -38,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add_model_args(parser, cfg_scale=4.0, compile_default=False)
+    add_model_args(parser, compile_default=False)
     g = parser.add_argument_group("output")
     g.add_argument(
         "--class-labels",
@@ -77,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per model batch (default 32; doubled by guidance); ddim and fixed-step "
         "ode give the same images at any batch size",
     )
-    add_sampler_args(parser)
+    add_sampler_args(parser, cfg_scale=4.0)
     return parser
 
 
@@ -88,7 +83,7 @@ def class_labels(args: argparse.Namespace, num_classes: int) -> torch.Tensor:
         labels = DIT_LABELS if num_classes == 1000 else list(range(min(8, num_classes)))
     bad = [y for y in labels if not 0 <= y < num_classes]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"class label {bad[0]} is out of range: the model has {num_classes} classes, "
             f"so labels run from 0 to {num_classes - 1}"
         )
@@ -101,33 +96,27 @@ def main(argv=None) -> int:
     for flag in ("per_class", "batch_size", "nrow"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
-    try:  # UsageError, CodecError and bad sampler options are all ValueErrors
+    try:
         loaded = load_model(args)
         apply_precision(loaded.precision)
-        spec = sampler_from_args(loaded.family, args)
-        objective = sampling_objective(loaded.family, loaded.objective, spec)
+        spec, objective = loaded.sampler(args)
         labels = class_labels(args, loaded.num_classes)
-        batches = []
-        for start in range(0, len(labels), args.batch_size):
-            indices = range(start, min(start + args.batch_size, len(labels)))
-            images = generate(
-                loaded.model,
-                objective,
-                spec,
-                loaded.codec,
-                labels[start : start + args.batch_size],
-                index_noise(indices, args.seed, loaded.latent_shape),
-                cfg_scale=args.cfg_scale,
-                cfg_channels=args.cfg_channels,
-                generator=index_generators(indices, args.seed),
-                precision=loaded.precision,
-                progress=sys.stderr.isatty(),
-            )
-            batches.append(to_uint8(images))
-    except ValueError as err:
+        batches = sample_batches(
+            loaded.model,
+            objective,
+            spec,
+            loaded.codec,
+            labels,
+            loaded.latent_shape,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            precision=loaded.precision,
+            progress=sys.stderr.isatty(),
+        )
+        images = np.concatenate([batch for _, batch, _ in batches])
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    images = np.concatenate(batches)
     nrow = args.nrow or (args.per_class if args.per_class > 1 else 4)
     save_png(make_grid(images, nrow), args.out)
     if args.save_each:

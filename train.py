@@ -9,13 +9,13 @@ See README.md for the ImageNet, multi-node, latent-cache and resume recipes.
 import argparse
 import sys
 
-from data import DataError
-from engine.errors import UsageError
+from common import InputError
+from engine.objective import add_objective_args, objective_from_args
 from engine.precision import add_precision_args
-from engine.sampling import add_objective_args, add_sampler_args
+from engine.sampling import add_sampler_args, sampler_from_args
+from engine.train_config import TrainConfig
 from engine.trainer import NonFiniteLoss, Trainer
 from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name
-from models.codec import CodecError
 
 
 def model_name(value: str) -> str:
@@ -174,21 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="guidance scale of the preview (default 1: none)",
     )
-    add_sampler_args(parser)
+    add_sampler_args(parser, cfg_scale=None)
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run the flags describe; a bad value is a UsageError naming the flag."""
     if args.results_dir is None:
         args.results_dir = f"results/{args.model.replace('/', '-')}-{args.attention}"
-    for flag in ("log_every", "ckpt_every", "global_batch_size", "image_size"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    family = parse_model_name(args.model)[0]
+    return TrainConfig.from_args(
+        args,
+        objective=objective_from_args(args, learn_sigma=args.learn_sigma is not False),
+        sampler=sampler_from_args(family, args, cfg_scale=args.preview_cfg),
+    )
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        Trainer(args).run()
-    except (UsageError, DataError, CodecError) as err:
+        Trainer(config_from_args(args)).run()
+    except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from engine.dist import resolve_device
+from engine.errors import UsageError
 from models import ATTENTIONS, MODEL_NAMES
 from models.codec import VAECodec, load_codec
 
@@ -91,11 +93,11 @@ def build_codec(args, device, seed: int = 0) -> VAECodec:
 
 
 def requested_device(parser, spec: str) -> torch.device:
-    """The --device flag as a device; asking for CUDA where there is none exits 2 in one line."""
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.exit(2, "error: --device cuda asked for, but no CUDA device is visible\n")
-    return device
+    """The --device flag as a device; a bad one exits 2 in one line."""
+    try:
+        return resolve_device(spec)
+    except UsageError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 def synchronize(device: torch.device) -> None:

@@ -7,10 +7,11 @@ ODE samplers, DiT/SiT's sample.py recipe (`reference`) against ours (`fast`), si
 reference: fp32 (TF32 on GPU), no compile; cond/uncond in one batch (as DiT's sample.py).
 fast:      evaluate_fid.py's defaults on a GPU: autocast (bf16 where it is native) over the
            sampler and the VAE decode, the model's forward compiled (--no-compile to turn off).
-Every image is drawn by engine.sampling.generate, and the VAE decode is part of the timed work:
-images/s is images in [-1, 1] out per second from noise in. Both modes start from the same noise
-and per-step noise (index_noise, index_generators), so the fast images are compared with the
-fp32 ones: max abs difference and PSNR (range [-1, 1], peak-to-peak 2).
+Every image is drawn by engine.sampling.sample_batches, the loop of sample.py and the FID
+sample sets, and the VAE decode is part of the timed work: images/s is images in [-1, 1] out
+per second from noise in. Both modes start from the same noise and per-step noise (keyed to the
+sample index), so the fast images are compared with the fp32 ones: max abs difference and PSNR
+(range [-1, 1], peak-to-peak 2).
 
 DiT zero-initialises its output and adaLN layers, so a fresh network predicts zeros and both
 modes would agree trivially; the zero-initialised weights are drawn from N(0, 0.02) instead.
@@ -23,16 +24,9 @@ import sys
 
 import torch
 
+from engine.objective import ObjectiveConfig
 from engine.precision import compile_blocks
-from engine.sampling import (
-    add_sampler_args,
-    generate,
-    index_generators,
-    index_labels,
-    index_noise,
-    sampler_from_args,
-    sampling_objective,
-)
+from engine.sampling import index_labels, make_sampler, sample_batches, sampling_objective
 from models import ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
 
 from .common import (
@@ -47,14 +41,6 @@ from .common import (
     time_side_by_side,
     write_json,
 )
-
-
-def sampler_spec(family: str, method: str, steps: int, ode_method: str):
-    """The spec that sample.py would build from these flags (same parser, same validation)."""
-    parser = argparse.ArgumentParser()
-    add_sampler_args(parser)
-    flags = ["--sampler", method, "--num-sampling-steps", str(steps), "--ode-method", ode_method]
-    return sampler_from_args(family, parser.parse_args(flags))
 
 
 def random_model(name: str, attention: str, side: int, channels: int, seed: int):
@@ -109,35 +95,42 @@ def table(payload: dict) -> tuple[list, list]:
 class Drawer:
     """Draws one batch with one mode's model and codec; the images of the last call are kept."""
 
-    def __init__(self, model, codec, family, spec, precision, args, noise, labels):
+    def __init__(self, model, codec, family, spec, precision, seed, latent_shape, labels):
         self.model, self.codec, self.family, self.spec = model, codec, family, spec
-        self.precision, self.args, self.noise, self.labels = precision, args, noise, labels
+        self.precision, self.seed, self.latent_shape, self.labels = (
+            precision,
+            seed,
+            latent_shape,
+            labels,
+        )
         self.images = None
 
     def __call__(self, spec=None):
         spec = spec or self.spec
-        self.images = generate(
+        batches = sample_batches(
             self.model,
-            sampling_objective(self.family, {}, spec),
+            sampling_objective(self.family, ObjectiveConfig(), spec),
             spec,
             self.codec,
             self.labels,
-            self.noise,
-            cfg_scale=self.args.cfg_scale,
-            generator=index_generators(range(len(self.labels)), self.args.seed),
+            self.latent_shape,
+            seed=self.seed,
+            batch_size=len(self.labels),
             precision=self.precision,
+            uint8=False,
         )
+        self.images = next(batches)[1]
 
 
 def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
     """Both modes of one sampler and token mixer: warm-up (compiles), then alternated calls."""
     name = args.dit_model if method in ("ddpm", "ddim") else args.sit_model
     family = parse_model_name(name)[0]
-    spec = sampler_spec(family, method, steps, args.ode_method)
-    warm_spec = sampler_spec(family, method, 2, args.ode_method)
+    flags = {"cfg_scale": args.cfg_scale, "ode_method": args.ode_method}
+    spec = make_sampler(family, method, steps, **flags)
+    warm_spec = make_sampler(family, method, 2, **flags)
     side = args.image_size // codec.downsample
     channels = codec.latent_channels
-    noise = index_noise(range(args.batch), args.seed, (channels, side, side))
     labels = index_labels(range(args.batch), args.seed, 1000)
     base = random_model(name, kind, side, channels, args.seed).to(device)
     drawers = {}
@@ -146,7 +139,8 @@ def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
         if settings[mode]["compile"]:
             compile_blocks(model, settings[mode]["compile"])
         precision = settings[mode]["precision"]
-        drawers[mode] = Drawer(model, codec, family, spec, precision, args, noise, labels)
+        shape = (channels, side, side)
+        drawers[mode] = Drawer(model, codec, family, spec, precision, args.seed, shape, labels)
     warmup = {
         mode: time_side_by_side({mode: lambda d=d: d(warm_spec)}, 1, device)[mode]
         for mode, d in drawers.items()

@@ -31,8 +31,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.ema import create_ema
+from engine.objective import ObjectiveConfig, create_objective
 from engine.precision import compile_blocks
-from engine.sampling import create_objective
 from engine.step import TrainStep, batch_latents, create_optimizer
 from models import create_model, parse_model_name
 from models.attention import InlineCustomOps
@@ -92,7 +92,7 @@ class Setup:
         self.train_step = TrainStep(
             self.model,
             self.model,
-            create_objective(family, {}),
+            create_objective(family, ObjectiveConfig()),
             self.opt,
             self.ema,
             precision=settings["precision"],
@@ -152,7 +152,7 @@ def step_flops(base_model, args, latent_channels, latent_side, device) -> int:
     """Model FLOPs of one forward+backward on the global batch (counted at batch 1, times B).
     Counted with SDPA's math backend: the counter knows no formula for CPU flash attention."""
     model = copy.deepcopy(base_model).to(device).train()
-    objective = create_objective(parse_model_name(args.model)[0], {})
+    objective = create_objective(parse_model_name(args.model)[0], ObjectiveConfig())
     x = torch.randn(1, latent_channels, latent_side, latent_side, device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False)

@@ -1,5 +1,7 @@
-"""The one error type for bad data, so entry points can print its line and exit 2."""
+"""The data layer's bad-input error."""
+
+from common import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Missing, corrupt or inconsistent data; the message is one line naming it and the fix."""

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import atomic_write
+
 from .errors import DataError
 
 META = "meta.json"
@@ -31,15 +33,6 @@ def _records(latent_shape) -> np.dtype:
     return np.dtype(
         [("index", "<i8"), ("label", "<i8"), ("mean", "<f2", pair), ("std", "<f2", pair)]
     )
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _is_complete(path: str, indices: np.ndarray) -> bool:
@@ -97,7 +90,8 @@ def build_latent_cache(
     }
     _check_meta(out_dir, meta)
     if rank == 0:
-        _atomic_write(os.path.join(out_dir, META), lambda f: f.write(json.dumps(meta).encode()))
+        with atomic_write(os.path.join(out_dir, META), "w") as f:
+            json.dump(meta, f)
 
     mine = np.arange(rank, len(dataset), world_size)
     pending = []
@@ -124,7 +118,8 @@ def build_latent_cache(
         records["mean"][i : i + n] = torch.stack(mean.chunk(2), 1).cpu().numpy()
         records["std"][i : i + n] = torch.stack(std.chunk(2), 1).cpu().numpy()
         if i + n == len(indices):
-            _atomic_write(path, lambda f, r=records: np.save(f, r))
+            with atomic_write(path) as f:
+                np.save(f, records)
         bar.update(n)
     bar.close()
 

@@ -4,19 +4,22 @@ import math
 
 import numpy as np
 
+# "cosine" is the name train.py's --noise-schedule offers; diffusers calls it squaredcos_cap_v2.
+NOISE_SCHEDULES = ("linear", "squaredcos_cap_v2", "cosine")
+
 
 def get_named_beta_schedule(name, num_diffusion_timesteps):
     """Betas for "linear" (Ho et al., rescaled so any step count spans the same ᾱ range) or
-    "squaredcos_cap_v2" (Nichol & Dhariwal's cosine schedule)."""
+    "squaredcos_cap_v2" alias "cosine" (Nichol & Dhariwal's cosine schedule)."""
     if name == "linear":
         scale = 1000 / num_diffusion_timesteps
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
-    if name == "squaredcos_cap_v2":
+    if name in ("squaredcos_cap_v2", "cosine"):
         return betas_for_alpha_bar(
             num_diffusion_timesteps,
             lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
         )
-    raise ValueError(f"unknown noise schedule {name!r}: use 'linear' or 'squaredcos_cap_v2'")
+    raise ValueError(f"unknown noise schedule {name!r}: use one of {', '.join(NOISE_SCHEDULES)}")
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):

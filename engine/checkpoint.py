@@ -1,41 +1,116 @@
-"""Training checkpoints: one dict, written atomically, loadable with `weights_only=True`.
+"""Checkpoint files: where they are (official names, their download and cache folder), how they
+are written (atomically) and read (`weights_only=True`, so no pickle code ever runs on load).
 
-Layout: {"model", "ema", "opt", "step", "epoch", "batch_in_epoch", "args", "rng", "world_size"};
-"args" holds plain types only, so no pickle code ever runs on load.
+Training checkpoints hold {"model", "ema", "opt", "step", "epoch", "batch_in_epoch",
+"world_size", "rng", "config"}, "config" being {"model", "objective", "train"}: the dicts of
+ModelConfig, ObjectiveConfig and TrainConfig. Checkpoints from before the configs hold "args"
+(train.py's flags as a flat dict) instead, and still load and resume.
 """
 
 import os
 import re
-import tempfile
+import sys
 
 import torch
+
+from common import atomic_write, cache_root, one_line
 
 from .errors import UsageError
 
 CHECKPOINT_NAME = re.compile(r"^(\d{7,})\.pt$")
+DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
+# SiT's URL is the one in its repository's download.py (willisma/SiT).
+OFFICIAL_URLS = {
+    "DiT-XL-2-256x256.pt": DIT_URL.format("DiT-XL-2-256x256.pt"),
+    "DiT-XL-2-512x512.pt": DIT_URL.format("DiT-XL-2-512x512.pt"),
+    "SiT-XL-2-256.pt": "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
+    "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
+}
+
+
+def default_cache_dir() -> str:
+    """$VCA_DIT_CACHE (the project's cache root, default ~/.cache/vca-dit) + /checkpoints."""
+    return os.path.join(cache_root(), "checkpoints")
+
+
+def resolve_checkpoint(name_or_path: str, cache_dir: str) -> str:
+    """An existing file as is; an official name from `cache_dir`, downloaded there if missing."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isfile(path):
+        return path
+    if name_or_path not in OFFICIAL_URLS:
+        raise UsageError(
+            f"checkpoint {name_or_path!r} does not exist; pass a checkpoint file or one of the "
+            f"official names {', '.join(OFFICIAL_URLS)}"
+        )
+    cached = os.path.join(cache_dir, name_or_path)
+    if os.path.isfile(cached):
+        return cached
+    url = OFFICIAL_URLS[name_or_path]
+    try:  # into atomic_write's temporary file (by its name), renamed to `cached` when whole
+        with atomic_write(cached) as partial:
+            torch.hub.download_url_to_file(url, partial.name, progress=sys.stderr.isatty())
+    except Exception as err:
+        raise UsageError(
+            f"{name_or_path} is not in {cache_dir} and downloading it failed ({one_line(err)}); "
+            f"download {url} on a machine with network and put it at {cached}"
+        ) from err
+    return cached
 
 
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`, so a kill at
-    any moment leaves either the old file or the new one, never a torn one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    """Atomic: a kill at any moment leaves either the old file or the new one."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def save_training_checkpoint(path: str, train_step, position: dict, configs: dict) -> None:
+    """The training state of `train_step` (model, EMA, optimizer, loss scaler), the loop's
+    `position` (step, epoch, batch_in_epoch, world_size) and the run's `configs`."""
+    state = {
+        "model": train_step.model.state_dict(),
+        "ema": train_step.ema.state_dict(),
+        "opt": train_step.optimizer.state_dict(),
+        **position,
+        "config": configs,
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    if train_step.scaler.is_enabled():
+        state["scaler"] = train_step.scaler.state_dict()
+    save_checkpoint(state, path)
+
+
+def restore_training_checkpoint(path: str, train_step, model_config, run: dict) -> dict:
+    """Load a training checkpoint into `train_step` after checking that it holds the network of
+    `model_config`, trained at `run`'s image_size and vae; returns the loop's position."""
+    state = load_checkpoint(path)
+    saved = stored_config(state)
+    current = model_config.to_dict()
+    stored = {key: saved["model"].get(key, value) for key, value in current.items()}
+    if stored["learn_sigma"] is None:  # older checkpoints: the family's default
+        stored["learn_sigma"] = current["learn_sigma"]
+    mismatched = [
+        (key, stored[key], current[key]) for key in current if stored[key] != current[key]
+    ]
+    mismatched += [
+        (key, saved["train"][key], value)
+        for key, value in run.items()
+        if key in saved["train"] and saved["train"][key] != value
+    ]
+    if mismatched:
+        detail = ", ".join(f"{key}: checkpoint {a!r} vs now {b!r}" for key, a, b in mismatched)
+        raise UsageError(f"cannot resume {path}: it is from a different model ({detail})")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        train_step.model.load_state_dict(state["model"])
+        train_step.ema.load_state_dict(state["ema"])
+        train_step.optimizer.load_state_dict(state["opt"])
+    except (KeyError, RuntimeError) as err:
+        raise UsageError(f"cannot resume {path}: {one_line(err)}") from err
+    if "scaler" in state and train_step.scaler.is_enabled():
+        train_step.scaler.load_state_dict(state["scaler"])
+    return {
+        key: state[key] for key in ("step", "epoch", "batch_in_epoch", "world_size") if key in state
+    }
 
 
 def load_checkpoint(path: str) -> dict:
@@ -45,8 +120,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot read checkpoint {path!r}: {first_line}") from err
+        raise UsageError(f"cannot read checkpoint {path!r}: {one_line(err)}") from err
 
 
 def checkpoint_path(folder: str, step: int) -> str:
@@ -82,3 +156,17 @@ def prune_checkpoints(folder: str, keep: int) -> None:
         return
     for _, path in list_checkpoints(folder)[:-keep]:
         os.remove(path)
+
+
+def stored_config(saved: dict) -> dict:
+    """{"model", "objective", "train"} config dicts of a checkpoint (or safetensors metadata):
+    its "config", or, for files from before the configs, its flat train.py "args" read as all
+    three (each config takes the keys it knows; train.py's --model is ModelConfig's name)."""
+    config = saved.get("config")
+    if isinstance(config, dict):
+        return {key: config.get(key) or {} for key in ("model", "objective", "train")}
+    args = saved.get("args")
+    if not isinstance(args, dict):
+        return {"model": {}, "objective": {}, "train": {}}
+    model = {("name" if key == "model" else key): value for key, value in args.items()}
+    return {"model": model, "objective": args, "train": args}

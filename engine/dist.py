@@ -6,6 +6,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from common import one_line
+
+from .errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -19,12 +23,26 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """A --device value as a device (None: cuda if available, else cpu); a malformed name or
+    CUDA on a machine without it is a UsageError."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise UsageError(f"bad --device {spec!r}: {one_line(err)}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPU), or run alone.
 
     The device is the *local* rank's GPU: DiT used the global rank, which breaks on node 2+.
     """
-    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    use_cuda = resolve_device(device).type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)

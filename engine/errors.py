@@ -1,5 +1,7 @@
-"""One exception for bad input: the scripts print its message as one line and exit with 2."""
+"""The engine's bad-input error: flags, checkpoints and run folders."""
+
+from common import InputError
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Bad input from the user (flags, files, checkpoints), with a message that names the fix."""

@@ -1,11 +1,11 @@
 """Image helpers: model output in [-1, 1] to uint8 (DiT's exact rounding), PNG grids, and the
 loss-curve plot, all with numpy and Pillow."""
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from common import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -34,10 +34,8 @@ def make_grid(images: np.ndarray, nrow: int, padding: int = 2, pad_value: int = 
 
 def save_png(array: np.ndarray, path: str) -> None:
     """Write atomically so a viewer (or a killed run) never sees half a PNG."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def plot_curve(steps, values, path: str, title: str = "loss", size=(640, 400)) -> None:

@@ -1,10 +1,10 @@
 """A ready-to-sample model from any checkpoint, shared by sample.py and evaluate_fid.py so both
 read checkpoints, pick weights and check them against the model the same way.
 
-Accepted: our training checkpoints (config from their "args"), the official DiT/SiT files (bare
-state dicts with the official key names, given by path or by name: found in a cache folder and
-downloaded there on first use), and safetensors files (config from the metadata key "args", a
-JSON dict of train.py flags, when present). Without stored args the architecture is inferred
+Accepted: our training checkpoints (config from their "config", or the "args" of older ones),
+the official DiT/SiT files (bare state dicts with the official key names, given by path or by
+name: engine.checkpoint.resolve_checkpoint finds or downloads them), and safetensors files
+(config from the metadata key "config" or "args", JSON, when present). The sizes always come
 from the tensor shapes, so a file is never loaded into a network it was not trained as.
 """
 
@@ -12,28 +12,26 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-from models import ATTENTIONS, MODEL_NAMES, WIDTHS, create_model, parse_model_name
+from common import one_line
+from models import ATTENTIONS, MODEL_NAMES, WIDTHS, ModelConfig, parse_model_name
 from models.codec import Codec, load_codec
 
-from .checkpoint import load_checkpoint
+from .checkpoint import (
+    OFFICIAL_URLS,
+    default_cache_dir,
+    load_checkpoint,
+    resolve_checkpoint,
+    stored_config,
+)
+from .dist import resolve_device
 from .errors import UsageError
+from .objective import ObjectiveConfig
 from .precision import add_precision_args, compile_blocks, resolve_compile, resolve_precision
-from .sampling import add_objective_args, objective_config
-
-DIT_URL = "https://dl.fbaipublicfiles.com/DiT/models/{}"
-# SiT's URL is the one in its repository's download.py (willisma/SiT).
-OFFICIAL_URLS = {
-    "DiT-XL-2-256x256.pt": DIT_URL.format("DiT-XL-2-256x256.pt"),
-    "DiT-XL-2-512x512.pt": DIT_URL.format("DiT-XL-2-512x512.pt"),
-    "SiT-XL-2-256.pt": "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/"
-    "SiT-XL-2-256.pt?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
-}
-VCA_OPTIONS = ("contrast_grid", "stage2_softmax", "dwc")
+from .sampling import SamplerSpec, sampler_from_args, sampling_objective
 
 
 @dataclass
@@ -41,35 +39,62 @@ class LoadedModel:
     """A model in eval mode on its device, with everything needed to sample from it."""
 
     model: torch.nn.Module
-    family: str  # "DiT" (DDPM) or "SiT" (interpolant flow)
-    name: str  # registry name, e.g. "DiT-XL/2"
-    attention: str
-    image_size: int
-    num_classes: int
-    vae: str  # codec spec, as load_codec takes it
+    config: ModelConfig
     codec: Codec
-    objective: dict  # config for engine.sampling.create_objective / sampling_objective
-    latent_shape: tuple  # (channels, side, side) of the noise
+    vae: str  # codec spec, as load_codec takes it
+    image_size: int
+    objective: ObjectiveConfig
     precision: str  # --precision resolved for the device: fp32, tf32, bf16 or fp16
     path: str
-    description: str
+    weights: str  # "ema", "model" or "weights" (a file with one set)
 
+    @property
+    def family(self) -> str:
+        return self.config.family
 
-def default_cache_dir() -> str:
-    """$VCA_DIT_CACHE (the project's cache root, default ~/.cache/vca-dit) + /checkpoints."""
-    root = os.environ.get("VCA_DIT_CACHE") or os.path.join("~", ".cache", "vca-dit")
-    return os.path.join(os.path.expanduser(root), "checkpoints")
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def attention(self) -> str:
+        return self.config.attention
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple:
+        """(channels, side, side) of the noise."""
+        side = self.config.input_size
+        return (self.config.in_channels, side, side)
+
+    def sampler(self, args: argparse.Namespace) -> tuple[SamplerSpec, object]:
+        """The sampler the flags ask for, checked against this model, and the objective
+        that runs it."""
+        spec = sampler_from_args(self.family, args)
+        channels = self.config.in_channels
+        if spec.cfg_channels is not None and not 1 <= spec.cfg_channels <= channels:
+            raise UsageError(f"--cfg-channels must be between 1 and {channels} for {self.name}")
+        return spec, sampling_objective(self.family, self.objective, spec)
+
+    @property
+    def description(self) -> str:
+        return (
+            f"{self.name} ({self.attention}, {self.weights}) from {self.path}: "
+            f"{self.image_size}px, {self.num_classes} classes, VAE {self.vae}"
+        )
 
 
 def add_model_args(
     parser: argparse.ArgumentParser,
-    cfg_scale: float = 1.0,
     ckpt_required: bool = True,
     precision: str = "auto",
     compile_default: bool | None = None,
 ) -> None:
-    """The flags load_model reads; `cfg_scale`, `precision` and `compile_default` are the
-    script's defaults, and `ckpt_required=False` suits scripts with modes that need no model."""
+    """The flags load_model reads; `precision` and `compile_default` are the script's
+    defaults, and `ckpt_required=False` suits scripts with modes that need no model."""
     g = parser.add_argument_group("model and checkpoint")
     g.add_argument(
         "--ckpt",
@@ -131,54 +156,11 @@ def add_model_args(
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     add_precision_args(g, precision, compile_default)
-    g.add_argument(
-        "--cfg-scale",
-        type=float,
-        default=cfg_scale,
-        help=f"classifier-free guidance scale; 1 turns it off (default {cfg_scale:g})",
-    )
-    g.add_argument(
-        "--cfg-channels",
-        type=int,
-        default=None,
-        help="guide only the first N latent channels (default: all); 3 reproduces DiT's rule, "
-        "on which its published numbers rest",
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
-
-
-def resolve_checkpoint(name_or_path: str, cache_dir: str) -> str:
-    """An existing file as is; an official name from `cache_dir`, downloaded there if missing."""
-    path = os.path.expanduser(name_or_path)
-    if os.path.isfile(path):
-        return path
-    if name_or_path not in OFFICIAL_URLS:
-        raise UsageError(
-            f"checkpoint {name_or_path!r} does not exist; pass a checkpoint file or one of the "
-            f"official names {', '.join(OFFICIAL_URLS)}"
-        )
-    cached = os.path.join(cache_dir, name_or_path)
-    if os.path.isfile(cached):
-        return cached
-    url = OFFICIAL_URLS[name_or_path]
-    partial = f"{cached}.{os.getpid()}.partial"  # one per process: ranks may download at once
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        torch.hub.download_url_to_file(url, partial, progress=sys.stderr.isatty())
-        os.replace(partial, cached)
-    except Exception as err:
-        raise UsageError(
-            f"{name_or_path} is not in {cache_dir} and downloading it failed ({_first_line(err)}); "
-            f"download {url} on a machine with network and put it at {cached}"
-        ) from err
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return cached
 
 
 def read_weights(path: str, which: str) -> tuple[dict, dict, str]:
-    """(state dict, stored train.py args or {}, which weights were taken)."""
+    """(state dict, stored configs as engine.checkpoint.stored_config gives them, which weights
+    were taken)."""
     if path.endswith(".safetensors"):
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -187,20 +169,21 @@ def read_weights(path: str, which: str) -> tuple[dict, dict, str]:
             state = load_file(path)
             with safe_open(path, "pt") as f:
                 metadata = f.metadata() or {}
-            saved = json.loads(metadata.get("args", "{}"))
+            saved = {
+                key: json.loads(metadata[key]) for key in ("config", "args") if key in metadata
+            }
         except Exception as err:
-            raise UsageError(f"cannot read safetensors file {path}: {_first_line(err)}") from err
-        return state, saved if isinstance(saved, dict) else {}, "weights"
+            raise UsageError(f"cannot read safetensors file {path}: {one_line(err)}") from err
+        return state, stored_config(saved), "weights"
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if isinstance(ckpt.get(which), dict):  # a training checkpoint (ours, or DiT/SiT train.py's)
-        saved = ckpt.get("args")
-        return ckpt[which], saved if isinstance(saved, dict) else {}, which
+        return ckpt[which], stored_config(ckpt), which
     if "model" in ckpt or "ema" in ckpt:
         other = "model" if which == "ema" else "ema"
         raise UsageError(f"{path} has no {which!r} weights; pass --weights {other}")
-    return ckpt, {}, "weights"
+    return ckpt, stored_config({}), "weights"
 
 
 def infer_shapes(state: dict, path: str) -> dict:
@@ -232,17 +215,15 @@ def infer_shapes(state: dict, path: str) -> dict:
     }
 
 
-def _model_name(path: str, shapes: dict, saved: dict, requested: str | None) -> str:
+def model_config(path: str, shapes: dict, saved: dict, args) -> ModelConfig:
+    """The network the file holds: name, attention and VCA options as stored (else the flags,
+    else inferred: SiT when the file name says so, mhsa), sizes from the tensors. A flag that
+    contradicts the file is a UsageError naming the fix."""
     shaped = f"{shapes['width']}/{shapes['patch']}"
-    if saved.get("model"):
-        name = saved["model"]
-    elif requested:
-        name = requested
-    else:
-        family = "SiT" if "SiT" in os.path.basename(path) else "DiT"
-        name = f"{family}-{shaped}"
-    if requested and requested != name:
-        raise UsageError(f"{path} holds a {name} model, not {requested}; drop --model")
+    family = "SiT" if "SiT" in os.path.basename(path) else "DiT"
+    name = saved.get("name") or args.model or f"{family}-{shaped}"
+    if args.model and args.model != name:
+        raise UsageError(f"{path} holds a {name} model, not {args.model}; drop --model")
     _, width, patch = parse_model_name(name)
     if f"{width}/{patch}" != shaped:
         raise UsageError(
@@ -250,7 +231,23 @@ def _model_name(path: str, shapes: dict, saved: dict, requested: str | None) -> 
             f"hidden {WIDTHS[shapes['width']][1]}, patch {shapes['patch']}), not {name}; "
             f"pass --model {name.split('-')[0]}-{shaped} or a {name} checkpoint"
         )
-    return name
+    attention = saved.get("attention") or args.attention or "mhsa"
+    if args.attention and args.attention != attention:
+        raise UsageError(
+            f"{path} uses {attention} attention, not {args.attention}; drop --attention"
+        )
+    if args.num_classes is not None and args.num_classes != shapes["num_classes"]:
+        raise UsageError(
+            f"{path} has {shapes['num_classes']} classes, not --num-classes {args.num_classes}; "
+            "drop it"
+        )
+    sizes = {key: shapes[key] for key in ("in_channels", "learn_sigma", "num_classes")}
+    try:
+        return ModelConfig.from_dict(
+            saved, name=name, attention=attention, input_size=shapes["latent_size"], **sizes
+        )
+    except ValueError as err:
+        raise UsageError(f"cannot build {name} for {path}: {one_line(err)}") from err
 
 
 def _load_state(model: torch.nn.Module, state: dict, path: str, what: str) -> None:
@@ -281,54 +278,25 @@ def _load_state(model: torch.nn.Module, state: dict, path: str, what: str) -> No
 def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
     """The checkpoint `args.ckpt` as a model on `device` (default --device, else cuda if
     available), checked against --model/--attention/--image-size/--num-classes/--vae, its
-    forward compiled when --compile says so. Global state (TF32 flags) is the caller's:
+    blocks compiled when --compile says so. Global state (TF32 flags) is the caller's:
     `engine.precision.apply_precision(loaded.precision)`.
 
     Every mismatch is a UsageError (or a CodecError for the VAE) with a one-line message.
     """
     if not args.ckpt:
         raise UsageError("no checkpoint given; pass --ckpt PATH or an official name")
-    device = _device(device or args.device)
+    device = resolve_device(device or args.device)
     path = resolve_checkpoint(args.ckpt, args.ckpt_cache or default_cache_dir())
     state, saved, weights = read_weights(path, args.weights)
-    shapes = infer_shapes(state, path)
-    name = _model_name(path, shapes, saved, args.model)
-    family = parse_model_name(name)[0]
-
-    attention = saved.get("attention") or args.attention or "mhsa"
-    if args.attention and args.attention != attention:
-        raise UsageError(
-            f"{path} uses {attention} attention, not {args.attention}; drop --attention"
-        )
-    num_classes = shapes["num_classes"]
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise UsageError(
-            f"{path} has {num_classes} classes, not --num-classes {args.num_classes}; drop it"
-        )
-    opts = {}
-    if attention not in ("mhsa", "diffattn"):  # the VCA family takes these options
-        opts = {k: saved[k] for k in VCA_OPTIONS if k in saved}
-    try:
-        model = create_model(
-            name,
-            attention=attention,
-            input_size=shapes["latent_size"],
-            num_classes=num_classes,
-            in_channels=shapes["in_channels"],
-            learn_sigma=shapes["learn_sigma"],
-            **opts,
-        )
-    except ValueError as err:
-        raise UsageError(f"cannot build {name} for {path}: {_first_line(err)}") from err
-    _load_state(model, state, path, f"{name} with {attention} attention")
+    config = model_config(path, infer_shapes(state, path), saved["model"], args)
+    model = config.build()
+    _load_state(model, state, path, f"{config.name} with {config.attention} attention")
     model = model.to(device).eval().requires_grad_(False)
     if resolve_compile(args.compile, device):
         compile_blocks(model)
 
-    in_channels = shapes["in_channels"]
-    if args.cfg_channels is not None and not 1 <= args.cfg_channels <= in_channels:
-        raise UsageError(f"--cfg-channels must be between 1 and {in_channels} for {name}")
-    vae = args.vae or saved.get("vae") or ("none" if in_channels == 3 else "ema")
+    in_channels = config.in_channels
+    vae = args.vae or saved["train"].get("vae") or ("none" if in_channels == 3 else "ema")
     codec = load_codec(vae, device)
     if codec.latent_channels != in_channels:
         raise UsageError(
@@ -336,51 +304,24 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
             f"{codec.latent_channels}; pass --vae {'none' if in_channels == 3 else 'ema'} "
             "or the VAE it was trained with"
         )
-    image_size = shapes["latent_size"] * codec.downsample
+    image_size = config.input_size * codec.downsample
     if args.image_size is not None and args.image_size != image_size:
         raise UsageError(
             f"{path} with VAE {vae!r} makes {image_size}px images, not --image-size "
             f"{args.image_size}; drop --image-size or pass the matching checkpoint"
         )
-
-    defaults = argparse.ArgumentParser()
-    add_objective_args(defaults)
-    objective_args = defaults.parse_args([])
-    for key, value in saved.items():
-        if hasattr(objective_args, key):
-            setattr(objective_args, key, value)
-    objective = {**objective_config(objective_args), "learn_sigma": shapes["learn_sigma"]}
-    latent = shapes["latent_size"]
+    try:
+        objective = ObjectiveConfig.from_dict(saved["objective"], learn_sigma=config.learn_sigma)
+    except ValueError as err:
+        raise UsageError(f"{path} stores a bad objective: {one_line(err)}") from err
     return LoadedModel(
         model=model,
-        family=family,
-        name=name,
-        attention=attention,
-        image_size=image_size,
-        num_classes=num_classes,
-        vae=vae,
+        config=config,
         codec=codec,
+        vae=vae,
+        image_size=image_size,
         objective=objective,
-        latent_shape=(in_channels, latent, latent),
         precision=resolve_precision(args.precision, device),
         path=path,
-        description=f"{name} ({attention}, {weights}) from {path}: {image_size}px, "
-        f"{num_classes} classes, VAE {vae}",
+        weights=weights,
     )
-
-
-def _device(spec) -> torch.device:
-    if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise UsageError(f"bad --device {spec!r}: {_first_line(err)}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
-    return device
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

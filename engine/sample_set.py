@@ -1,4 +1,5 @@
-"""FID sample sets: N images drawn in fixed shards, resumable, independent of the world size.
+"""FID sample sets: their flags and settings, and N images drawn in fixed shards, resumable,
+independent of the world size.
 
 Sample i gets its noise from (seed, i) and its label from (seed, i) or a seeded balanced
 permutation, so any number of processes, in any order, with restarts, produce one set.
@@ -12,21 +13,21 @@ The merged `samples.npz` is ADM's layout: `arr_0` uint8 (N, H, W, 3), `arr_1` in
 streamed into an uncompressed zip so 50,000 images at 256 px never sit in memory at once.
 """
 
+import argparse
 import json
 import os
-import tempfile
-import zipfile
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from metrics.errors import MetricsError
-from metrics.npz import npz_array_info
+from common import atomic_write, npz_array_info, write_npz
 
+from . import dist
 from .errors import UsageError
-from .images import to_uint8
-from .sampling import generate, index_generators, index_labels, index_noise
+from .loading import load_model
+from .precision import apply_precision
+from .sampling import index_labels, sample_batches
 
 
 def sample_labels(indices, seed: int, num_classes: int, num_samples: int, protocol: str):
@@ -50,90 +51,133 @@ def shard_path(folder: str, shard: int) -> str:
     return os.path.join(folder, f"shard-{shard:05d}.npz")
 
 
-def _atomic_savez(path: str, **arrays):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def shard_is_complete(path: str, count: int) -> bool:
     """Both members' headers say `count` rows. Reads no image data: shards are written
     atomically, so a file that is there with valid headers is whole."""
     try:
         return all(npz_array_info(path, key)[0][:1] == (count,) for key in ("arr_0", "arr_1"))
-    except (MetricsError, ValueError):
+    except ValueError:  # NpzError included
         return False
 
 
-def generate_sample_set(
-    loaded,
-    objective,
-    spec,
-    codec,
-    folder: str,
-    *,
-    num_samples: int,
-    seed: int,
-    labels: str,
-    cfg_scale: float,
-    cfg_channels,
-    precision: str,
-    batch_size: int,
-    shard_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
-) -> int:
-    """Draw this rank's missing shards into `folder`; returns how many shards it generated."""
-    os.makedirs(folder, exist_ok=True)
-    num_shards = (num_samples + shard_size - 1) // shard_size
-    mine = [k for k in range(rank, num_shards, world_size)]
-    todo = [
-        k
-        for k in mine
-        if not shard_is_complete(shard_path(folder, k), _shard_len(k, num_samples, shard_size))
+def add_sample_set_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sample set")
+    g.add_argument("--num-samples", type=int, default=50_000, help="images to draw (default 50000)")
+    g.add_argument(
+        "--labels",
+        choices=["uniform", "balanced"],
+        default="uniform",
+        help="uniform-random labels keyed to the sample index (DiT/ADM, default) or balanced "
+        "(an equal number per class, e.g. 50 x 1000)",
+    )
+    g.add_argument("--batch-size", type=int, default=32, help="images per forward pass per process")
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        default=1000,
+        help="images per shard file, the unit of resumption (default 1000)",
+    )
+    g.add_argument(
+        "--sample-dir",
+        default=None,
+        help="folder for the shards and samples.npz (default: fid-samples/<checkpoint>-<settings>)",
+    )
+
+
+def settings_of(args, loaded, spec) -> dict:
+    """Everything that changes the sample set, recorded in its folder and the metrics JSON."""
+    return {
+        "checkpoint": loaded.path,
+        "weights": args.weights,
+        "model": loaded.name,
+        "attention": loaded.attention,
+        "image_size": loaded.image_size,
+        "vae": loaded.vae,
+        "num_classes": loaded.num_classes,
+        "sampler": spec.describe(),
+        "cfg_scale": spec.cfg_scale,
+        "cfg_channels": spec.cfg_channels,
+        "labels": args.labels,
+        "seed": args.seed,
+        "precision": loaded.precision,
+        "num_samples": args.num_samples,
+    }
+
+
+def default_sample_dir(args, loaded, spec) -> str:
+    stem = os.path.splitext(os.path.basename(loaded.path))[0]
+    parts = [
+        stem,
+        args.weights,
+        spec.method,
+        str(spec.steps),
+        f"cfg{spec.cfg_scale:g}",
+        args.labels,
+        f"seed{args.seed}",
+        f"n{args.num_samples}",
     ]
-    latent = loaded.image_size // codec.downsample
-    shape = (codec.latent_channels, latent, latent)
+    return os.path.join("fid-samples", "-".join(parts))
+
+
+def draw_sample_set(args, info) -> tuple[str, dict]:
+    """The sample set the flags describe, drawn by every rank and merged by rank 0 into
+    `samples.npz`; returns its path and settings."""
+    loaded = load_model(args, info.device)
+    apply_precision(loaded.precision)
+    spec, objective = loaded.sampler(args)
+    settings = settings_of(args, loaded, spec)
+    folder = args.sample_dir or default_sample_dir(args, loaded, spec)
+    if info.is_main:
+        write_settings(folder, settings)
+    dist.barrier()
+    num_samples, shard_size = args.num_samples, args.shard_size
+    missing = missing_shards(folder, num_samples, shard_size)
+    todo = [k for k in missing if k % info.world_size == info.rank]  # shard k is rank k's
     bar = tqdm(
         total=sum(_shard_len(k, num_samples, shard_size) for k in todo),
-        disable=not progress,
-        desc=f"sampling (rank {rank})",
+        disable=not info.is_main,
+        desc=f"sampling (rank {info.rank})",
         unit="img",
     )
     for shard in todo:
         start = shard * shard_size
-        stop = min(start + shard_size, num_samples)
-        images, shard_labels = [], []
-        for lo in range(start, stop, batch_size):
-            indices = range(lo, min(lo + batch_size, stop))
-            y = sample_labels(indices, seed, loaded.num_classes, num_samples, labels)
-            noise = index_noise(indices, seed, shape)
-            out = generate(
-                loaded.model,
-                objective,
-                spec,
-                codec,
-                y,
-                noise,
-                cfg_scale=cfg_scale,
-                cfg_channels=cfg_channels,
-                generator=index_generators(indices, seed),
-                precision=precision,
-            )
-            images.append(to_uint8(out))
-            shard_labels.append(y.numpy())
-            bar.update(len(indices))
-        _atomic_savez(
-            shard_path(folder, shard),
-            arr_0=np.concatenate(images),
-            arr_1=np.concatenate(shard_labels).astype(np.int64),
+        indices = range(start, start + _shard_len(shard, num_samples, shard_size))
+        labels = sample_labels(indices, args.seed, loaded.num_classes, num_samples, args.labels)
+        batches = sample_batches(
+            loaded.model,
+            objective,
+            spec,
+            loaded.codec,
+            labels,
+            loaded.latent_shape,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            first_index=start,
+            precision=loaded.precision,
         )
+        images = []
+        for _, batch, _ in batches:
+            images.append(batch)
+            bar.update(len(batch))
+        with atomic_write(shard_path(folder, shard)) as f:
+            np.savez(f, arr_0=np.concatenate(images), arr_1=labels.numpy().astype(np.int64))
     bar.close()
-    return len(todo)
+    dist.barrier()
+    out = os.path.join(folder, "samples.npz")
+    if info.is_main:
+        merge_shards(folder, num_samples, shard_size, out)
+        print(f"samples: {out}")
+    return out, settings
+
+
+def missing_shards(folder: str, num_samples: int, shard_size: int) -> list[int]:
+    """The shards of the set that are not in `folder` whole (written atomically), in order."""
+    num_shards = (num_samples + shard_size - 1) // shard_size
+    return [
+        k
+        for k in range(num_shards)
+        if not shard_is_complete(shard_path(folder, k), _shard_len(k, num_samples, shard_size))
+    ]
 
 
 def _shard_len(shard: int, num_samples: int, shard_size: int) -> int:
@@ -143,11 +187,7 @@ def _shard_len(shard: int, num_samples: int, shard_size: int) -> int:
 def merge_shards(folder: str, num_samples: int, shard_size: int, out_path: str) -> None:
     """Stream every shard into ADM's `samples.npz`, checking count, dtype and completeness."""
     num_shards = (num_samples + shard_size - 1) // shard_size
-    missing = [
-        k
-        for k in range(num_shards)
-        if not shard_is_complete(shard_path(folder, k), _shard_len(k, num_samples, shard_size))
-    ]
+    missing = missing_shards(folder, num_samples, shard_size)
     if missing:
         raise UsageError(
             f"{len(missing)} of {num_shards} shards in {folder} are missing or "
@@ -158,29 +198,22 @@ def merge_shards(folder: str, num_samples: int, shard_size: int, out_path: str) 
         dtype = first["arr_0"].dtype
     if dtype != np.uint8 or channels != 3:
         raise UsageError(f"shards in {folder} hold {dtype} images with {channels} channels")
-    fd, tmp = tempfile.mkstemp(
-        prefix=".tmp-", suffix=".npz", dir=os.path.dirname(os.path.abspath(out_path))
-    )
-    os.close(fd)
     labels = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            header = {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                "fortran_order": False,
-                "shape": (num_samples, height, width, 3),
-            }
-            np.lib.format.write_array_header_2_0(member, header)
-            for k in range(num_shards):
-                with np.load(shard_path(folder, k)) as shard:
-                    images = shard["arr_0"]
-                    if images.shape[1:] != (height, width, 3) or images.dtype != np.uint8:
-                        raise UsageError(f"shard {k} in {folder} has images of another shape")
-                    member.write(np.ascontiguousarray(images).tobytes())
-                    labels.append(shard["arr_1"])
-        with archive.open("arr_1.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.concatenate(labels))
-    os.replace(tmp, out_path)
+    for k in range(num_shards):
+        with np.load(shard_path(folder, k)) as shard:
+            labels.append(shard["arr_1"])
+
+    def shard_images():
+        for k in range(num_shards):
+            with np.load(shard_path(folder, k)) as shard:
+                images = shard["arr_0"]
+            if images.shape[1:] != (height, width, 3) or images.dtype != np.uint8:
+                raise UsageError(f"shard {k} in {folder} has images of another shape")
+            yield images
+
+    images = ("arr_0", (num_samples, height, width, 3), np.uint8, shard_images())
+    with atomic_write(out_path) as f:
+        write_npz(f, {"arr_1": np.concatenate(labels)}, images)
 
 
 def write_settings(folder: str, settings: dict) -> None:
@@ -196,7 +229,5 @@ def write_settings(folder: str, settings: dict) -> None:
                 "use another --sample-dir or delete it"
             )
         return
-    os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(settings, f, indent=1)
-    os.replace(path + ".tmp", path)

@@ -1,5 +1,6 @@
-"""The one sampling function. It draws the training preview grid, the `sample.py` grid and the
-FID samples, for DDPM (DiT) and interpolant-flow (SiT) objectives alike.
+"""Sampling: the sampler flags and spec, the noise keyed to sample indices, and the one batched
+sampling loop (`sample_batches`) that draws the training preview, the `sample.py` grid, the FID
+sample sets and the sampling benchmark, for DDPM (DiT) and interpolant-flow (SiT) models alike.
 
 Noise, labels and the per-step noise of the stochastic samplers (DDPM, SDE) are keyed to each
 sample's global index, so a sample does not depend on the batch it was drawn in, the number of
@@ -10,15 +11,17 @@ processes); fixed-step ODE methods do not.
 
 import argparse
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-import diffusion
 import transport
 
 from .errors import UsageError
+from .images import to_uint8
+from .objective import ObjectiveConfig, create_objective
 from .precision import autocast_context
 
 METHODS = {"DiT": ("ddpm", "ddim"), "SiT": ("ode", "sde")}
@@ -27,101 +30,37 @@ DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "ode": 50, "sde": 250}
 
 @dataclass
 class SamplerSpec:
-    """How to sample: the method, its step count, and method-specific options."""
+    """How to sample: the method, its step count, method-specific options, and classifier-free
+    guidance (cfg_scale 1 turns it off; cfg_channels None guides every latent channel)."""
 
     method: str
     steps: int
     options: dict = field(default_factory=dict)
+    cfg_scale: float = 1.0
+    cfg_channels: int | None = None
 
     def describe(self) -> dict:
         return {"method": self.method, "steps": self.steps, **self.options}
 
 
-def create_objective(family: str, config: dict, sampling_steps: str | int = ""):
-    """The training objective of a model family from its (checkpoint-stored) config.
-
-    DiT: ADM diffusion (`sampling_steps` respaces it, e.g. "250" or "ddim50").
-    SiT: an interpolant transport; sampling steps are a sampler option instead.
-    """
-    if family == "DiT":
-        return diffusion.create_diffusion(
-            timestep_respacing=str(sampling_steps),
-            noise_schedule=config.get("noise_schedule", "linear"),
-            learn_sigma=config.get("learn_sigma", True),
-            diffusion_steps=config.get("diffusion_steps", 1000),
-        )
-    return transport.create_transport(
-        path_type=config.get("path_type", "Linear"),
-        prediction=config.get("prediction", "velocity"),
-        loss_weight=config.get("loss_weight"),
-        train_eps=config.get("train_eps"),
-        sample_eps=config.get("sample_eps"),
-    )
+# The sampler options and their defaults, for the flags and for specs made in code alike.
+SAMPLER_DEFAULTS = {
+    "ddim_eta": 0.0,
+    "ode_method": "dopri5",
+    "atol": 1e-6,
+    "rtol": 1e-3,
+    "sde_method": "Euler",
+    "diffusion_form": "sigma",
+    "diffusion_norm": 1.0,
+    "last_step": "Mean",
+    "last_step_size": 0.04,
+}
 
 
-def add_objective_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("objective (DDPM for DiT-*, interpolant flow for SiT-*)")
-    group.add_argument(
-        "--noise-schedule",
-        choices=["linear", "cosine"],
-        default="linear",
-        help="DiT: beta schedule (default linear, as DiT)",
-    )
-    group.add_argument(
-        "--diffusion-steps",
-        type=int,
-        default=1000,
-        help="DiT: training diffusion steps (default 1000)",
-    )
-    group.add_argument(
-        "--path-type",
-        choices=list(transport.PATHS),
-        default="Linear",
-        help="SiT: interpolant path (default Linear)",
-    )
-    group.add_argument(
-        "--prediction",
-        choices=list(transport.PREDICTIONS),
-        default="velocity",
-        help="SiT: what the network predicts (default velocity)",
-    )
-    group.add_argument(
-        "--loss-weight",
-        choices=["velocity", "likelihood"],
-        default=None,
-        help="SiT: loss weighting (default none)",
-    )
-    group.add_argument(
-        "--train-eps",
-        type=float,
-        default=None,
-        help="SiT: keep t away from the ends in training (default: SiT's per path)",
-    )
-    group.add_argument(
-        "--sample-eps",
-        type=float,
-        default=None,
-        help="SiT: keep t away from the ends in sampling (default: SiT's per path)",
-    )
-
-
-def objective_config(args: argparse.Namespace) -> dict:
-    keys = (
-        "noise_schedule",
-        "diffusion_steps",
-        "path_type",
-        "prediction",
-        "loss_weight",
-        "train_eps",
-        "sample_eps",
-    )
-    config = {k: getattr(args, k) for k in keys}
-    learn_sigma = getattr(args, "learn_sigma", None)
-    config["learn_sigma"] = True if learn_sigma is None else learn_sigma
-    return config
-
-
-def add_sampler_args(parser: argparse.ArgumentParser) -> None:
+def add_sampler_args(parser: argparse.ArgumentParser, cfg_scale: float | None = 1.0) -> None:
+    """The sampler flags; with `cfg_scale` (the script's default) also --cfg-scale,
+    --cfg-channels and --seed (train.py's preview has --preview-cfg and --global-seed)."""
+    d = SAMPLER_DEFAULTS
     group = parser.add_argument_group("sampler")
     group.add_argument(
         "--sampler",
@@ -137,73 +76,132 @@ def add_sampler_args(parser: argparse.ArgumentParser) -> None:
         help="sampling steps (default: ddpm 250, ddim 50, ode 50, sde 250); for "
         "fixed-step ODE methods the model is called steps x stages times",
     )
-    group.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    group.add_argument("--ddim-eta", type=float, default=d["ddim_eta"], help="DDIM eta (default 0)")
     group.add_argument(
         "--ode-method",
-        default="dopri5",
+        default=d["ode_method"],
         help="torchdiffeq method: dopri5 (adaptive), euler, heun, midpoint, rk4 (default dopri5)",
     )
-    group.add_argument("--atol", type=float, default=1e-6, help="ODE absolute tolerance (dopri5)")
-    group.add_argument("--rtol", type=float, default=1e-3, help="ODE relative tolerance (dopri5)")
+    group.add_argument(
+        "--atol", type=float, default=d["atol"], help="ODE absolute tolerance (dopri5; 1e-6)"
+    )
+    group.add_argument(
+        "--rtol", type=float, default=d["rtol"], help="ODE relative tolerance (dopri5; 1e-3)"
+    )
     group.add_argument(
         "--sde-method",
         choices=["Euler", "Heun"],
-        default="Euler",
+        default=d["sde_method"],
         help="SDE integrator (default Euler)",
     )
     group.add_argument(
         "--diffusion-form",
-        default="sigma",
+        default=d["diffusion_form"],
         choices=list(transport.DIFFUSION_FORMS),
         help="SDE diffusion coefficient form (default sigma)",
     )
-    group.add_argument("--diffusion-norm", type=float, default=1.0, help="SDE diffusion scale")
+    group.add_argument(
+        "--diffusion-norm", type=float, default=d["diffusion_norm"], help="SDE diffusion scale"
+    )
     group.add_argument(
         "--last-step",
-        default="Mean",
+        default=d["last_step"],
         choices=["Mean", "Tweedie", "Euler", "none"],
         help="SDE last step (default Mean)",
     )
     group.add_argument(
-        "--last-step-size", type=float, default=0.04, help="SDE last step size (default 0.04)"
+        "--last-step-size",
+        type=float,
+        default=d["last_step_size"],
+        help="SDE last step size (default 0.04)",
     )
+    if cfg_scale is None:
+        return
+    group.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=cfg_scale,
+        help=f"classifier-free guidance scale; 1 turns it off (default {cfg_scale:g})",
+    )
+    group.add_argument(
+        "--cfg-channels",
+        type=int,
+        default=None,
+        help="guide only the first N latent channels (default: all); 3 reproduces DiT's rule, "
+        "on which its published numbers rest",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
 
 
-def sampler_from_args(family: str, args: argparse.Namespace) -> SamplerSpec:
-    """Validate the sampler flags against the model family; the UsageError names the fix."""
-    method = args.sampler or METHODS[family][0]
+def make_sampler(
+    family: str,
+    method: str | None = None,
+    steps: int | None = None,
+    *,
+    cfg_scale: float = 1.0,
+    cfg_channels: int | None = None,
+    **options,
+) -> SamplerSpec:
+    """The spec of `method` (default: the family's first) with `steps` (default: the
+    method's), the SAMPLER_DEFAULTS for the options not given; the UsageError names the fix."""
+    unknown = set(options) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise UsageError(f"unknown sampler options {sorted(unknown)}; known: {SAMPLER_DEFAULTS}")
+    o = {**SAMPLER_DEFAULTS, **options}
+    method = method or METHODS[family][0]
     if method not in METHODS[family]:
         raise UsageError(
             f"sampler {method!r} does not apply to {family} models; "
             f"use one of {', '.join(METHODS[family])}"
         )
-    steps = args.num_sampling_steps or DEFAULT_STEPS[method]
-    if steps < 1:
-        raise UsageError(f"--num-sampling-steps must be positive, got {steps}")
+    steps = steps or DEFAULT_STEPS[method]
+    fewest = 1 if method == "ode" else 2  # the others count both ends of their time grid
+    if steps < fewest:
+        raise UsageError(f"--num-sampling-steps must be at least {fewest} for {method}")
+    if method == "ode" and o["ode_method"] not in transport.ODE_METHODS:
+        raise UsageError(
+            f"unknown ODE sampling_method {o['ode_method']!r}; choose from {transport.ODE_METHODS}"
+        )
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"the guidance scale must be finite and non-negative, got {cfg_scale}")
     if method == "ddim":
-        options = {"eta": args.ddim_eta}
+        spec_options = {"eta": o["ddim_eta"]}
     elif method == "ode":
-        options = {
-            "sampling_method": args.ode_method,
+        spec_options = {
+            "sampling_method": o["ode_method"],
             "num_steps": steps,
-            "atol": args.atol,
-            "rtol": args.rtol,
+            "atol": o["atol"],
+            "rtol": o["rtol"],
         }
     elif method == "sde":
-        options = {
-            "sampling_method": args.sde_method,
-            "diffusion_form": args.diffusion_form,
-            "diffusion_norm": args.diffusion_norm,
+        spec_options = {
+            "sampling_method": o["sde_method"],
+            "diffusion_form": o["diffusion_form"],
+            "diffusion_norm": o["diffusion_norm"],
             "num_steps": steps,
-            "last_step": None if args.last_step == "none" else args.last_step,
-            "last_step_size": args.last_step_size,
+            "last_step": None if o["last_step"] == "none" else o["last_step"],
+            "last_step_size": o["last_step_size"],
         }
     else:
-        options = {}
-    return SamplerSpec(method, steps, options)
+        spec_options = {}
+    return SamplerSpec(method, steps, spec_options, cfg_scale, cfg_channels)
 
 
-def sampling_objective(family: str, config: dict, spec: SamplerSpec):
+def sampler_from_args(
+    family: str, args: argparse.Namespace, cfg_scale: float | None = None
+) -> SamplerSpec:
+    """make_sampler from the flags; guidance from --cfg-scale/--cfg-channels, or `cfg_scale`."""
+    return make_sampler(
+        family,
+        args.sampler,
+        args.num_sampling_steps,
+        cfg_scale=args.cfg_scale if cfg_scale is None else cfg_scale,
+        cfg_channels=getattr(args, "cfg_channels", None),
+        **{key: getattr(args, key) for key in SAMPLER_DEFAULTS},
+    )
+
+
+def sampling_objective(family: str, config: ObjectiveConfig, spec: SamplerSpec):
     """The objective that runs `spec`: DDPM/DDIM respace the diffusion to `spec.steps`."""
     if family == "DiT":
         respacing = f"ddim{spec.steps}" if spec.method == "ddim" else str(spec.steps)
@@ -257,26 +255,25 @@ def generate(
     labels: torch.Tensor,
     noise: torch.Tensor,
     *,
-    cfg_scale: float = 1.0,
-    cfg_channels: int | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     precision: str = "fp32",
     progress: bool = False,
 ) -> torch.Tensor:
     """Images in [-1, 1], (B, 3, H, W), for `labels` from latent `noise`.
 
-    cfg_scale > 1 doubles the batch with the null class (index num_classes) and guides through
-    the model's `forward_with_cfg`. `generator` drives DDPM/SDE noise: one generator, or one per
-    sample (`index_generators`) to make each sample independent of its batch.
+    Guidance (spec.cfg_scale > 1) doubles the batch with the null class (index num_classes)
+    and guides through the model's `forward_with_cfg`. `generator` drives DDPM/SDE noise: one
+    generator, or one per sample (`index_generators`) to make each sample independent of its
+    batch.
     """
     device = next(model.parameters()).device
     noise, labels = noise.to(device), labels.to(device)
     batch = len(labels)
-    if cfg_scale > 1.0:
+    if spec.cfg_scale > 1.0:
         z = torch.cat([noise, noise])
         y = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         model_fn = functools.partial(
-            model.forward_with_cfg, cfg_scale=cfg_scale, cfg_channels=cfg_channels
+            model.forward_with_cfg, cfg_scale=spec.cfg_scale, cfg_channels=spec.cfg_channels
         )
     else:
         z, y, model_fn = noise, labels, model.forward
@@ -291,3 +288,43 @@ def generate(
             **spec.options,
         )
         return codec.decode(latents[:batch].float())
+
+
+def sample_batches(
+    model,
+    objective,
+    spec: SamplerSpec,
+    codec,
+    labels: torch.Tensor,
+    latent_shape: tuple,
+    *,
+    seed: int,
+    batch_size: int,
+    first_index: int = 0,
+    precision: str = "fp32",
+    progress: bool = False,
+    uint8: bool = True,
+):
+    """Yield (indices, images, labels) for `labels`, `batch_size` at a time: images as uint8
+    (B, H, W, 3), or with `uint8=False` as generate returns them.
+
+    Sample i (numbered from `first_index`) gets its initial and per-step noise from
+    (seed, i) alone, so an image depends on its index and label, not on the batch it was
+    drawn in, the process that drew it, or the script: the same checkpoint, labels and seed
+    give the same preview grid in train.py as in sample.py.
+    """
+    for start in range(0, len(labels), batch_size):
+        indices = range(first_index + start, first_index + min(start + batch_size, len(labels)))
+        batch_labels = labels[start : start + len(indices)]
+        images = generate(
+            model,
+            objective,
+            spec,
+            codec,
+            batch_labels,
+            index_noise(indices, seed, latent_shape),
+            generator=index_generators(indices, seed),
+            precision=precision,
+            progress=progress,
+        )
+        yield indices, to_uint8(images) if uint8 else images, batch_labels

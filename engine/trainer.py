@@ -8,7 +8,6 @@ sample, timestep, noise, label dropout) comes from the global RNG reseeded with
 run stopped before it.
 """
 
-import argparse
 import math
 import os
 import signal
@@ -22,45 +21,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import LatentCacheDataset, build_dataset, build_latent_cache
-from models import create_model, parse_model_name
+from models import parse_model_name
 from models.codec import load_codec
 
 from . import dist
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
-    load_checkpoint,
     prune_checkpoints,
-    save_checkpoint,
+    restore_training_checkpoint,
+    save_training_checkpoint,
 )
 from .ema import create_ema
 from .errors import UsageError
-from .images import make_grid, save_png, to_uint8
+from .images import make_grid, save_png
 from .logger import RunLogger
+from .objective import create_objective
 from .precision import apply_precision, compile_blocks, resolve_compile, resolve_precision
-from .sampling import (
-    create_objective,
-    derive_seed,
-    generate,
-    index_noise,
-    objective_config,
-    sampler_from_args,
-    sampling_objective,
-)
+from .sampling import derive_seed, sample_batches, sampling_objective
 from .step import TrainStep, batch_latents, create_optimizer
-
-# Arguments that define the network: a checkpoint must agree on them to be resumed.
-MODEL_ARGS = (
-    "model",
-    "attention",
-    "image_size",
-    "num_classes",
-    "vae",
-    "contrast_grid",
-    "stage2_softmax",
-    "dwc",
-    "learn_sigma",
-)
+from .train_config import TrainConfig
 
 
 class ResumableSampler(DistributedSampler):
@@ -84,67 +64,47 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples // self.batch_size
 
 
-def model_opts(args) -> dict:
-    opts = {}
-    if args.attention not in ("mhsa", "diffattn"):
-        opts = {
-            "contrast_grid": args.contrast_grid,
-            "stage2_softmax": args.stage2_softmax,
-            "dwc": args.dwc,
-        }
-    return opts
-
-
-def check_args(args, family: str, codec) -> int:
-    """Everything knowable before touching data; returns the latent side."""
-    _, _, patch = parse_model_name(args.model)
-    factor = codec.downsample * patch
-    if args.image_size % factor:
-        raise UsageError(
-            f"--image-size {args.image_size} is not divisible by {factor} "
-            f"(VAE factor {codec.downsample} x patch {patch}); use a multiple of {factor}"
-        )
-    if args.sampler:
-        sampler_from_args(family, args)
-    return args.image_size // codec.downsample
-
-
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.family, _, _ = parse_model_name(args.model)
-        self.info = dist.setup(args.device)
+    """The training loop of one run, on every rank: build, resume, then `run()`."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.family = parse_model_name(config.model)[0]
+        self.info = dist.setup(config.device)
         self.device = self.info.device
-        self.log = RunLogger(args.results_dir, enabled=self.info.is_main)
+        self.log = RunLogger(config.results_dir, enabled=self.info.is_main)
         self.stop_requested = False
-        args.precision = resolve_precision(args.precision, self.device)
-        args.compile = resolve_compile(args.compile, self.device)
-        apply_precision(args.precision)
+        self.precision = resolve_precision(config.precision, self.device)
+        apply_precision(self.precision)
         world = self.info.world_size
-        if args.global_batch_size % world:
+        if config.global_batch_size % world:
             raise UsageError(
-                f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                f"--global-batch-size {config.global_batch_size} is not divisible by the "
                 f"{world} processes; use a multiple of {world}"
             )
-        self.local_batch = args.global_batch_size // world
+        self.local_batch = config.global_batch_size // world
 
-        self.codec = load_codec(args.vae, self.device)
-        self.latent_size = latent_size = check_args(args, self.family, self.codec)
-        self.dataset = self._dataset()
-        torch.manual_seed(args.global_seed)  # identical initial weights on every rank
-        self.model = create_model(
-            args.model,
-            attention=args.attention,
-            input_size=latent_size,
-            num_classes=args.num_classes,
-            in_channels=self.codec.latent_channels,
-            learn_sigma=args.learn_sigma,
-            **model_opts(args),
-        ).to(self.device)
-        self.model.grad_checkpoint = args.grad_checkpoint
+        self.codec = load_codec(config.vae, self.device)
+        factor = self.codec.downsample * parse_model_name(config.model)[2]
+        if config.image_size % factor:
+            raise UsageError(
+                f"--image-size {config.image_size} is not divisible by {factor} (VAE factor "
+                f"{self.codec.downsample} x patch {factor // self.codec.downsample}); use a "
+                f"multiple of {factor}"
+            )
+        images = build_dataset(config.data_path, config.image_size, config.num_classes)
+        self.dataset = self._dataset(images)
+        self.model_config = config.model_config(
+            config.image_size // self.codec.downsample,
+            self.codec.latent_channels,
+            config.num_classes or images.num_classes,
+        )
+        torch.manual_seed(config.global_seed)  # identical initial weights on every rank
+        self.model = self.model_config.build().to(self.device)
+        self.model.grad_checkpoint = config.grad_checkpoint
         self.ema = create_ema(self.model)
-        self.opt = create_optimizer(self.model, args.lr, args.weight_decay)
-        if args.compile:
+        self.opt = create_optimizer(self.model, config.lr, config.weight_decay)
+        if resolve_compile(config.compile, self.device):
             compile_blocks(self.model)
         network = self.model
         if world > 1:
@@ -153,23 +113,24 @@ class Trainer:
         self.train_step = TrainStep(
             self.model,
             network,
-            create_objective(self.family, objective_config(args)),
+            create_objective(self.family, config.objective),
             self.opt,
             self.ema,
-            precision=args.precision,
-            ema_decay=args.ema_decay,
-            grad_clip=args.grad_clip,
+            precision=self.precision,
+            ema_decay=config.ema_decay,
+            grad_clip=config.grad_clip,
         )
+        if config.sample_every and config.sampler is None:
+            raise UsageError("previews (--sample-every) need a sampler spec in the config")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
-
         self.sampler = ResumableSampler(
             self.dataset,
             self.local_batch,
             num_replicas=world,
             rank=self.info.rank,
             shuffle=True,
-            seed=args.global_seed,
+            seed=config.global_seed,
         )
         if self.sampler.batches_per_epoch() == 0:
             raise UsageError(
@@ -180,24 +141,21 @@ class Trainer:
             self.dataset,
             batch_size=self.local_batch,
             sampler=self.sampler,
-            num_workers=args.num_workers,
+            num_workers=config.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
         )
 
-    def _dataset(self):
-        args = self.args
-        images = build_dataset(args.data_path, args.image_size, args.num_classes)
-        if args.num_classes is None:
-            args.num_classes = images.num_classes
-        if not args.latent_cache:
+    def _dataset(self, images):
+        cache = self.config.latent_cache
+        if not cache:
             return images
-        self.log.info(f"latent cache: {args.latent_cache}")
+        self.log.info(f"latent cache: {cache}")
         build_latent_cache(
             images,
             self.codec,
-            args.latent_cache,
+            cache,
             rank=self.info.rank,
             world_size=self.info.world_size,
             batch_size=self.local_batch,
@@ -205,11 +163,10 @@ class Trainer:
             progress=self.info.is_main and sys.stderr.isatty(),
         )
         dist.barrier()
-        return LatentCacheDataset(args.latent_cache)
+        return LatentCacheDataset(cache)
 
     def _resume(self):
-        args = self.args
-        path = args.resume
+        path = self.config.resume
         if path == "auto":
             path = latest_checkpoint(self.checkpoint_dir)
             if path is None:
@@ -217,95 +174,78 @@ class Trainer:
                 return
         elif path is None:
             return
-        state = load_checkpoint(path)
-        saved = state.get("args", {})
-        mismatched = [k for k in MODEL_ARGS if k in saved and saved[k] != getattr(args, k)]
-        if mismatched:
-            detail = ", ".join(
-                f"{k}: checkpoint {saved[k]!r} vs now {getattr(args, k)!r}" for k in mismatched
-            )
-            raise UsageError(f"cannot resume {path}: it is from a different model ({detail})")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
-            self.opt.load_state_dict(state["opt"])
-        except (KeyError, RuntimeError) as err:
-            raise UsageError(f"cannot resume {path}: {str(err).splitlines()[0]}") from err
-        if "scaler" in state and self.train_step.scaler.is_enabled():
-            self.train_step.scaler.load_state_dict(state["scaler"])
-        self.step = state["step"]
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        if state.get("world_size", 1) != self.info.world_size:
+        position = restore_training_checkpoint(
+            path,
+            self.train_step,
+            self.model_config,
+            {"image_size": self.config.image_size, "vae": self.config.vae},
+        )
+        self.step = position["step"]
+        self.epoch, self.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
+        if position.get("world_size", 1) != self.info.world_size:
             self.log.info("resuming with a different world size: the data order changes")
         self.log.info(f"resumed from {path} at step {self.step}")
 
     @property
     def checkpoint_dir(self) -> str:
-        return os.path.join(self.args.results_dir, "checkpoints")
+        return os.path.join(self.config.results_dir, "checkpoints")
 
     def save(self):
-        state = {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt": self.opt.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "world_size": self.info.world_size,
-            "args": plain_args(self.args),
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        if self.train_step.scaler.is_enabled():
-            state["scaler"] = self.train_step.scaler.state_dict()
         if self.info.is_main:
             path = checkpoint_path(self.checkpoint_dir, self.step)
-            save_checkpoint(state, path)
-            prune_checkpoints(self.checkpoint_dir, self.args.keep_checkpoints)
+            position = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "world_size": self.info.world_size,
+            }
+            configs = {
+                "model": self.model_config.to_dict(),
+                "objective": self.config.objective.to_dict(),
+                "train": self.config.to_dict(),
+            }
+            save_training_checkpoint(path, self.train_step, position, configs)
+            prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
             self.log.info(f"saved checkpoint {path}")
         dist.barrier()
 
     def preview(self):
-        """A grid from the EMA model with fixed labels and noise, drawn by the shared sampler."""
-        if not self.info.is_main:
-            dist.barrier()
-            return
-        args = self.args
-        spec = sampler_from_args(self.family, args)
-        objective = sampling_objective(self.family, objective_config(args), spec)
-        count = args.preview_count
-        labels = torch.arange(count) % args.num_classes
-        shape = (self.codec.latent_channels, self.latent_size, self.latent_size)
-        noise = index_noise(range(count), args.global_seed, shape)
-        generator = torch.Generator(self.device).manual_seed(args.global_seed)
-        images = generate(
-            self.ema,
-            objective,
-            spec,
-            self.codec,
-            labels,
-            noise,
-            cfg_scale=args.preview_cfg,
-            generator=generator,
-            precision=args.precision,
-        )
-        nrow = max(1, math.ceil(math.sqrt(count)))
-        path = os.path.join(args.results_dir, "samples", f"{self.step:07d}.png")
-        save_png(make_grid(to_uint8(images), nrow), path)
-        self.log.info(f"preview grid {path}")
+        """A grid from the EMA model, drawn as sample.py draws one: labels 0, 1, 2, ... and
+        noise keyed to (--global-seed, index), so `sample.py --seed <global seed>` on this
+        step's checkpoint with the same labels, sampler and guidance gives the same grid."""
+        if self.info.is_main:
+            config = self.config
+            objective = sampling_objective(self.family, config.objective, config.sampler)
+            count = config.preview_count
+            batches = sample_batches(
+                self.ema,
+                objective,
+                config.sampler,
+                self.codec,
+                torch.arange(count) % self.model_config.num_classes,
+                (self.model_config.in_channels, *[self.model_config.input_size] * 2),
+                seed=config.global_seed,
+                batch_size=count,
+                precision=self.precision,
+            )
+            images = next(batches)[1]
+            path = os.path.join(config.results_dir, "samples", f"{self.step:07d}.png")
+            save_png(make_grid(images, max(1, math.ceil(math.sqrt(count)))), path)
+            self.log.info(f"preview grid {path}")
         dist.barrier()
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True
 
     def run(self):
-        args = self.args
+        config = self.config
         signal.signal(signal.SIGTERM, self._request_stop)
         control = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         per_epoch = self.sampler.batches_per_epoch()
-        total = args.max_steps or args.epochs * per_epoch
+        total = config.max_steps or config.epochs * per_epoch
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.info(
-            f"{args.model} ({args.attention}), {n_params:,} parameters, {self.info.world_size} "
+            f"{config.model} ({config.attention}), {n_params:,} parameters, {self.info.world_size} "
             f"process(es) on {self.device.type}, {len(self.dataset):,} items, "
             f"{per_epoch} steps/epoch, training to step {total}"
         )
@@ -324,7 +264,7 @@ class Trainer:
         while self.step < total and not self.stop_requested:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
-                torch.manual_seed(derive_seed(args.global_seed, self.info.rank, self.step))
+                torch.manual_seed(derive_seed(config.global_seed, self.info.rank, self.step))
                 latents, labels = batch_latents(batch, self.codec, self.device)
                 loss, grad_norm = self.train_step(latents, labels)
                 finite &= torch.isfinite(loss)
@@ -335,8 +275,8 @@ class Trainer:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 bar.update(1)
 
-                at_log = self.step % args.log_every == 0 or self.step == total
-                at_ckpt = self.step % args.ckpt_every == 0 or self.step == total
+                at_log = self.step % config.log_every == 0 or self.step == total
+                at_ckpt = self.step % config.ckpt_every == 0 or self.step == total
                 if at_log or at_ckpt:
                     self._check_finite(finite)
                 if at_log:
@@ -348,7 +288,7 @@ class Trainer:
                         "epoch": self.epoch,
                         "loss": mean_loss,
                         "steps_per_s": steps_per_s,
-                        "images_per_s": steps_per_s * args.global_batch_size,
+                        "images_per_s": steps_per_s * config.global_batch_size,
                         "lr": self.opt.param_groups[0]["lr"],
                         "grad_norm": float(grad_norm),
                         "peak_mem_gb": peak_memory_gb(self.device),
@@ -364,7 +304,7 @@ class Trainer:
                 stop = self.stop_requested = self._agree_stop(control)
                 if at_ckpt or stop:
                     self.save()
-                if args.sample_every and self.step % args.sample_every == 0:
+                if config.sample_every and self.step % config.sample_every == 0:
                     self.preview()
                 if stop or self.step >= total:
                     break
@@ -402,16 +342,3 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return 0.0
-
-
-def plain_args(args: argparse.Namespace) -> dict:
-    """Only plain types, so the checkpoint loads with weights_only=True."""
-    plain = {}
-    for key, value in vars(args).items():
-        if value is None or isinstance(value, (bool, int, float, str)):
-            plain[key] = value
-        elif isinstance(value, (list, tuple)):
-            plain[key] = [v if isinstance(v, (bool, int, float, str)) else str(v) for v in value]
-        else:
-            plain[key] = str(value)
-    return plain

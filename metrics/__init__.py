@@ -2,10 +2,9 @@
 improved precision/recall on torch-fidelity's TF-compatible Inception-v3."""
 
 from .errors import MetricsError
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_file, write_report
 from .inception import WEIGHTS_FILE, WEIGHTS_URL, InceptionFeatures
 from .manifold import precision_recall
-from .npz import iter_npz_array, npz_array_info
 from .reference import Reference, load_reference, write_reference
 from .stats import FeatureAccumulator, frechet_distance, inception_score
 
@@ -17,11 +16,11 @@ __all__ = [
     "MetricsError",
     "Reference",
     "evaluate",
+    "evaluate_file",
     "frechet_distance",
     "inception_score",
-    "iter_npz_array",
     "load_reference",
-    "npz_array_info",
     "precision_recall",
     "write_reference",
+    "write_report",
 ]

@@ -12,16 +12,16 @@ counts only if both its shape and its colour are right.
 
 import contextlib
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from common import atomic_write, cache_root, one_line
 from data.synthetic import COLOURS, SHAPES, SyntheticShapes
 
-from .errors import MetricsError, one_line
+from .errors import MetricsError
 from .stats import frechet_distance
 
 STYLES = len(SHAPES) * len(COLOURS)  # every (shape, colour) pair; class c of any dataset is one
@@ -109,8 +109,7 @@ def train(image_size: int, steps: int = 350, batch_size: int = 64, seed: int = T
 
 
 def default_cache_dir() -> str:
-    root = os.environ.get("VCA_DIT_CACHE") or os.path.join("~", ".cache", "vca-dit")
-    return os.path.join(os.path.expanduser(root), "demo-classifier")
+    return os.path.join(cache_root(), "demo-classifier")
 
 
 class DemoScorer:
@@ -154,15 +153,8 @@ def load_or_train(image_size: int, num_classes: int = 10, cache_dir: str | None 
 def _train_and_save(image_size, folder, path):
     start = time.perf_counter()
     model = train(image_size)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(model.state_dict(), f)
     print(f"trained demo classifier ({image_size} px) in {time.perf_counter() - start:.0f} s")
     return model
 

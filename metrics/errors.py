@@ -1,10 +1,7 @@
-"""The one exception type the metrics package raises for bad input."""
+"""The metrics layer's bad-input error."""
+
+from common import InputError
 
 
-class MetricsError(ValueError):
+class MetricsError(InputError):
     """Bad input to an FID evaluation; the message is one line naming the problem and the fix."""
-
-
-def one_line(error):
-    """An exception's message collapsed onto one line, for embedding in a MetricsError."""
-    return " ".join(str(error).split()) or type(error).__name__

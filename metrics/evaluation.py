@@ -1,7 +1,15 @@
-"""FID-50K evaluation: ADM's five numbers for a stream of sample batches against a reference."""
+"""FID-50K evaluation: ADM's five numbers for a stream of sample batches against a reference,
+and for a samples file, with its JSON report."""
+
+import json
 
 import numpy as np
 
+from common import atomic_write, iter_npz_array, npz_array_info
+
+from .demo_classifier import demo_metrics, load_or_train
+from .errors import MetricsError
+from .inception import InceptionFeatures
 from .manifold import precision_recall
 from .reference import Reference, load_reference, progress_bar
 from .stats import FeatureAccumulator, frechet_distance, inception_score
@@ -41,3 +49,64 @@ def evaluate(batches, reference, extractor, progress=True, batch_size=100):
             ref_pool, samples.pool, device=extractor.device
         )
     return result
+
+
+METRIC_NAMES = {
+    "fid": "FID",
+    "sfid": "sFID",
+    "inception_score": "Inception Score",
+    "precision": "Precision",
+    "recall": "Recall",
+    "class_accuracy": "class accuracy (demo classifier)",
+    "real_accuracy": "class accuracy of real images",
+    "frechet_distance": "Frechet distance (demo classifier features)",
+    "num_samples": "samples",
+}
+
+
+def evaluate_file(
+    samples_path,
+    ref,
+    *,
+    num_classes=None,
+    expected_count=None,
+    inception_weights=None,
+    device="cpu",
+    batch_size=100,
+    progress=False,
+) -> dict:
+    """The metrics of a samples .npz (arr_0: uint8 N x H x W x 3) against `ref`: an ADM
+    reference .npz, or "synthetic" for models of the built-in shapes, scored by the demo
+    classifier (class accuracy against arr_1's labels, Frechet distance in its features)."""
+    shape, dtype = npz_array_info(samples_path)
+    if len(shape) != 4 or shape[-1] != 3 or dtype != "uint8":
+        raise MetricsError(
+            f"{samples_path}: arr_0 is {dtype} {tuple(shape)}; samples must be uint8 N x H x W x 3"
+        )
+    if expected_count is not None and shape[0] != expected_count:
+        raise MetricsError(f"{samples_path} holds {shape[0]} images, not {expected_count}")
+    if ref == "synthetic":
+        scorer = load_or_train(shape[1], num_classes or 10)
+        images = iter_npz_array(samples_path, "arr_0", batch_size)
+        labels = iter_npz_array(samples_path, "arr_1", batch_size)
+        return demo_metrics(zip(images, labels, strict=True), scorer)
+    reference = load_reference(ref)
+    extractor = InceptionFeatures(inception_weights, device=device)
+    batches = iter_npz_array(samples_path, batch_size=batch_size)
+    return evaluate(batches, reference, extractor, progress=progress)
+
+
+def write_report(report: dict, json_path) -> str:
+    """Write `report` (settings and "metrics") as JSON, atomically; returns the metrics as a
+    Markdown table."""
+    with atomic_write(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    lines = ["| metric | value |", "|---|---|"]
+    for key, name in METRIC_NAMES.items():
+        if key in report["metrics"]:
+            value = report["metrics"][key]
+            text = (
+                "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else value)
+            )
+            lines.append(f"| {name} | {text} |")
+    return "\n".join(lines)

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
-from .errors import MetricsError, one_line
+from common import one_line
+
+from .errors import MetricsError
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = tfi.URL_INCEPTION_V3

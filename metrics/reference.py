@@ -5,7 +5,6 @@ statistics; `mu_s` (2023,), `sigma_s` (2023, 2023) sFID statistics; `arr_0` (N, 
 up to 10,000 images whose features define the reference manifold for precision/recall.
 """
 
-import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .errors import MetricsError, one_line
-from .npz import iter_npz_array, npz_array_info, write_npz
+from common import atomic_write, iter_npz_array, npz_array_info, one_line, write_npz
+
+from .errors import MetricsError
 from .stats import FeatureAccumulator
 
 POOL_DIM = 2048
@@ -103,7 +103,7 @@ def write_reference(batches, path, extractor, keep_images=10_000, progress=True)
 
     Statistics cover every image; the first `keep_images` images are stored as `arr_0` for
     precision/recall (collected in a temporary file, not in memory). The .npz is assembled
-    next to `path` and moved over it with os.replace, so a crash never leaves a partial file.
+    with `atomic_write`, so a crash never leaves a partial file.
     Returns the written file as a `Reference`.
     """
     path = Path(path)
@@ -127,15 +127,9 @@ def write_reference(batches, path, extractor, keep_images=10_000, progress=True)
             num_kept += len(kept)
         mu, sigma, mu_s, sigma_s = stats.stats()
         arrays = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-        images = ("arr_0", (num_kept, *image_shape), np.uint8, raw) if num_kept else None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as out:
-                write_npz(out, arrays, images)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        raw.seek(0)
+        chunks = iter(lambda: raw.read(16 << 20), b"")
+        images = ("arr_0", (num_kept, *image_shape), np.uint8, chunks) if num_kept else None
+        with atomic_write(path) as out:
+            write_npz(out, arrays, images)
     return load_reference(path)

@@ -69,11 +69,15 @@ def create_model(
     )
 
 
+from .config import ConfigError, ModelConfig  # noqa: E402 (it builds with create_model)
+
 __all__ = [
     "ATTENTIONS",
     "ATTENTION_HELP",
+    "ConfigError",
     "DiT",
     "MODEL_NAMES",
+    "ModelConfig",
     "create_model",
     "parse_model_name",
 ]

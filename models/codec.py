@@ -8,10 +8,12 @@ import os
 
 import torch
 
+from common import InputError
+
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
-class CodecError(ValueError):
+class CodecError(InputError):
     """A codec that cannot be loaded; the message is one line naming the spec and the fix."""
 
 

@@ -56,8 +56,10 @@ def test_linear_schedule():
     np.testing.assert_allclose(half.betas, np.linspace(2e-4, 0.04, 500), rtol=1e-9)
 
 
-def test_cosine_schedule():
-    d = create_diffusion("", noise_schedule="squaredcos_cap_v2")
+@pytest.mark.parametrize("name", ["squaredcos_cap_v2", "cosine"])
+def test_cosine_schedule(name):
+    """train.py offers --noise-schedule cosine: an alias of squaredcos_cap_v2, same closed form."""
+    d = create_diffusion("", noise_schedule=name)
 
     def f(s):
         return np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2

@@ -13,6 +13,7 @@ import torch
 from scipy.special import softmax
 from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
+from common import iter_npz_array
 from metrics import (
     WEIGHTS_FILE,
     FeatureAccumulator,
@@ -21,7 +22,6 @@ from metrics import (
     evaluate,
     frechet_distance,
     inception_score,
-    iter_npz_array,
     load_reference,
     precision_recall,
     write_reference,

@@ -243,3 +243,29 @@ def test_gradient_checkpointing_gives_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_model_config_rebuilds_the_network_it_describes():
+    """A checkpoint's model config alone rebuilds the network: same parameter names and shapes,
+    VCA options included; the dict round trip is exact."""
+    from models import ConfigError, ModelConfig, create_model
+
+    options = {"contrast_grid": 1, "stage2_softmax": "joint", "dwc": False}
+    config = ModelConfig("SiT-T/4", "vca", input_size=8, in_channels=3, num_classes=7, **options)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert config.learn_sigma is False and config.family == "SiT"  # SiT's default
+    built = config.build().state_dict()
+    direct = create_model("SiT-T/4", "vca", 8, 7, in_channels=3, **options).state_dict()
+    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in direct.items()}
+    assert not any("dwc" in key for key in built)
+    assert ModelConfig("DiT-T/4", "mhsa", contrast_grid=3).vca_options() == {}
+    bad = [
+        ({"name": "DiT-Q/2"}, "unknown model"),
+        ({"name": "DiT-T/4", "attention": "linear"}, "attention one of"),
+        ({"name": "DiT-T/4", "input_size": 6}, "input_size a multiple of 4"),
+        ({"name": "DiT-T/4", "contrast_grid": 0}, "contrast_grid positive"),
+        ({"name": "DiT-T/4", "attention": "diff", "stage2_softmax": "joint"}, "diff ablation"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig(**fields)

@@ -23,7 +23,13 @@ import train
 import transport
 from engine import loading
 from engine.errors import UsageError
-from engine.sampling import SamplerSpec, generate, index_generators, index_noise
+from engine.sampling import (
+    SamplerSpec,
+    add_sampler_args,
+    generate,
+    index_generators,
+    index_noise,
+)
 from models import create_model
 from models.codec import PixelCodec
 
@@ -146,7 +152,8 @@ def test_load_model_reads_each_format(ckpts):
     """The architecture, family, objective and codec come from args or, without them, shapes
     and the file name; an 8-channel (here 6: pixels) SiT head loads with learn_sigma."""
     parser = argparse.ArgumentParser()
-    loading.add_model_args(parser, cfg_scale=2.5)
+    loading.add_model_args(parser)
+    add_sampler_args(parser, cfg_scale=2.5)
 
     def load(key, *extra):
         return loading.load_model(parser.parse_args(["--ckpt", ckpts[key], *extra]), "cpu")
@@ -167,13 +174,10 @@ def test_load_model_reads_each_format(ckpts):
     assert (sit.family, sit.name) == ("SiT", "SiT-T/4")
     assert sit.model.learn_sigma and sit.model.out_channels == 6
     assert sit.model(torch.zeros(1, 3, 16, 16), torch.ones(1), torch.zeros(1).long()).shape[1] == 3
-    assert (sit.objective["path_type"], sit.objective["prediction"]) == (
-        "Linear",
-        "velocity",
-    )
+    assert (sit.objective.path_type, sit.objective.prediction) == ("Linear", "velocity")
 
     vca = load("safetensors")
-    assert (vca.family, vca.attention, vca.objective["path_type"]) == ("SiT", "vca", "GVP")
+    assert (vca.family, vca.attention, vca.objective.path_type) == ("SiT", "vca", "GVP")
     assert vca.model.blocks[0].attn.contrast_grid == (2, 2)  # from the metadata, not 8
 
     latent = load("latent", "--vae", ckpts["vae"])
@@ -229,11 +233,10 @@ def test_images_equal_generate_called_directly(ckpts, tmp_path, capsys, key, whi
     images = generate(
         model,
         objective,
-        SamplerSpec(method, 4, options),
+        SamplerSpec(method, 4, options, cfg_scale=cfg),
         PixelCodec(),
         torch.tensor(labels),
         index_noise(range(3), 7, (3, 16, 16)),
-        cfg_scale=cfg,
         generator=index_generators(range(3), 7),
     )
     expected = torch.clamp(127.5 * images + 128, 0, 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -314,7 +317,8 @@ BAD = [
     ("trained", ["--sampler", "ode"], "sampler 'ode' does not apply to DiT models"),
     ("sit", ["--sampler", "ddpm"], "sampler 'ddpm' does not apply to SiT models"),
     ("sit", ["--ode-method", "nope"], "unknown ODE sampling_method 'nope'"),
-    ("sit", ["--sampler", "sde", "--num-sampling-steps", "1"], "num_steps"),
+    ("sit", ["--sampler", "sde", "--num-sampling-steps", "1"], "must be at least 2 for sde"),
+    ("trained", ["--num-sampling-steps", "1"], "must be at least 2 for ddpm"),
     ("trained", ["--image-size", "32"], "makes 16px images, not --image-size 32"),
     ("trained", ["--num-classes", "1000"], "has 10 classes, not --num-classes 1000"),
     ("trained", ["--vae", "/no/such/vae"], "no such directory"),

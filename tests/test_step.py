@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine.ema import create_ema
+from engine.objective import ObjectiveConfig, create_objective
 from engine.precision import (
     add_precision_args,
     apply_precision,
@@ -16,7 +17,6 @@ from engine.precision import (
     resolve_compile,
     resolve_precision,
 )
-from engine.sampling import create_objective
 from engine.step import TrainStep, batch_latents, create_optimizer
 from models import create_model
 from models.codec import PixelCodec
@@ -42,7 +42,7 @@ def tiny_sit():
 
 def by_hand(model, ema, latents, labels, decay, clip):
     """One step as DiT/SiT's train.py writes it, from the same RNG draws: t, then the noise."""
-    objective = create_objective("SiT", {})
+    objective = create_objective("SiT", ObjectiveConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False, fused=False)
     t0, t1 = objective.interval(objective.train_eps)
     t = torch.rand(latents.shape[0]) * (t1 - t0) + t0
@@ -71,7 +71,7 @@ def test_train_step_equals_the_step_written_by_hand(clip):
     step = TrainStep(
         model,
         model,
-        create_objective("SiT", {}),
+        create_objective("SiT", ObjectiveConfig()),
         create_optimizer(model, lr=1e-3),  # fused: another kernel than the hand-written one
         ema,
         precision="fp32",
@@ -95,7 +95,7 @@ def test_train_step_equals_the_step_written_by_hand(clip):
 def test_reference_recipe_takes_no_gradient_norm_and_fp16_scales_the_loss():
     model = tiny_sit()
     common = dict(ema_decay=0.9999)
-    objective = create_objective("SiT", {})
+    objective = create_objective("SiT", ObjectiveConfig())
     dit = TrainStep(model, model, objective, create_optimizer(model, 1e-4, fused=False),
                     create_ema(model), precision="fp32", grad_clip=None, **common)  # fmt: skip
     assert dit(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]))[1] is None

@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from engine.checkpoint import list_checkpoints
@@ -70,8 +72,8 @@ def test_checkpoint_contents_and_pruning(tmp_path):
     assert train.main(tiny_args(tmp_path, "--ckpt-every", "1", "--keep-checkpoints", "2")) == 0
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
     state = checkpoint_at(tmp_path, 4)  # weights_only=True: plain types only
-    assert {"model", "ema", "opt", "step", "epoch", "batch_in_epoch", "args", "rng"} <= set(state)
-    assert state["step"] == 4 and state["args"]["model"] == "DiT-T/4"
+    assert {"model", "ema", "opt", "step", "epoch", "batch_in_epoch", "config", "rng"} <= set(state)
+    assert state["step"] == 4 and state["config"]["model"]["name"] == "DiT-T/4"
     assert os.path.exists(tmp_path / "loss.png") and os.path.exists(tmp_path / "log.txt")
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
 
@@ -148,8 +150,8 @@ def test_two_process_torchrun_identical_weights_and_mean_loss(tmp_path):
         f"sys.path.insert(0, {REPO!r})\n"
         "import train\n"
         "from engine.trainer import Trainer\n"
-        "args = train.build_parser().parse_args(sys.argv[1:])\n"
-        "trainer = Trainer(args)\n"
+        "config = train.config_from_args(train.build_parser().parse_args(sys.argv[1:]))\n"
+        "trainer = Trainer(config)\n"
         "seen = []\n"
         "losses = trainer.train_step.objective.training_losses\n"
         "def spy(*a, **k):\n"
@@ -159,8 +161,9 @@ def test_two_process_torchrun_identical_weights_and_mean_loss(tmp_path):
         "trainer.train_step.objective.training_losses = spy\n"
         "trainer.run()\n"
         "rank = trainer.info.rank\n"
-        "torch.save(trainer.model.state_dict(), os.path.join(args.results_dir, f'rank{rank}.pt'))\n"
-        "json.dump(seen, open(os.path.join(args.results_dir, f'losses{rank}.json'), 'w'))\n"
+        "out = config.results_dir\n"
+        "torch.save(trainer.model.state_dict(), os.path.join(out, f'rank{rank}.pt'))\n"
+        "json.dump(seen, open(os.path.join(out, f'losses{rank}.json'), 'w'))\n"
     )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), *tiny_args(tmp_path, steps=3)]  # fmt: skip
@@ -178,6 +181,11 @@ def test_two_process_torchrun_identical_weights_and_mean_loss(tmp_path):
 
 
 BAD_INPUTS = [
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--num-workers", "-1"], "--num-workers must be 0 or more"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+    (["--contrast-grid", "0", "--attention", "vca"], "contrast_grid positive"),
     (["--data-path", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
     (["--image-size", "18"], "not divisible by 4"),
     (["--model", "DiT-M/2"], "unknown model"),
@@ -248,3 +256,65 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [1]
     state = checkpoint_at(tmp_path, 1)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_preview_grid_equals_sample_py_grid(tmp_path, capsys):
+    """The preview is drawn by sample.py's loop: the same checkpoint, labels, seed, sampler and
+    guidance give the same pixels."""
+    import sample
+
+    def read_png(path):
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    flags = ["--num-sampling-steps", "5", "--sampler", "ddpm"]  # per-step noise too
+    preview = ["--sample-every", "2", "--preview-count", "6", "--preview-cfg", "1.5"]
+    args = tiny_args(tmp_path, *preview, "--ckpt-every", "2", "--global-seed", "3", *flags, steps=2)
+    assert train.main(args) == 0
+    out = tmp_path / "grid.png"
+    code = sample.main(
+        ["--ckpt", str(tmp_path / "checkpoints" / "0000002.pt"), "--class-labels", *"012345",
+         "--seed", "3", "--cfg-scale", "1.5", "--nrow", "3", "--out", str(out), *flags]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    preview = read_png(tmp_path / "samples" / "0000002.png")
+    np.testing.assert_array_equal(preview, read_png(out))
+    assert preview.std() > 0
+
+
+def older_format(path, flags):
+    """Rewrite a checkpoint as the code before the configs wrote it: train.py's flags as a flat
+    "args" dict (num_classes, precision and compile resolved) instead of "config"."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    args = vars(train.build_parser().parse_args(flags))
+    args.update(num_classes=10, precision="fp32", compile=False)
+    del state["config"]
+    state["args"] = args
+    torch.save(state, path)
+
+
+def test_checkpoints_from_before_the_configs_sample_and_resume_exactly(tmp_path, capsys):
+    """A checkpoint in the earlier format (flat "args") loads in sample.py and resumes: 2 + 2
+    steps from it equal 4 steps in one go."""
+    import sample
+
+    one_go, split = tmp_path / "one", tmp_path / "split"
+    assert train.main(tiny_args(one_go, steps=4)) == 0
+    first = tiny_args(split, "--ckpt-every", "2", steps=2)
+    assert train.main(first) == 0
+    older_format(split / "checkpoints" / "0000002.pt", first)
+    grid = tmp_path / "g.png"
+    ckpt = str(split / "checkpoints" / "0000002.pt")
+    assert sample.main(["--ckpt", ckpt, "--num-sampling-steps", "3", "--out", str(grid)]) == 0
+    assert "DiT-T/4 (mhsa, ema)" in capsys.readouterr().out
+    assert train.main(tiny_args(split, "--resume", steps=4)) == 0
+    assert_states_equal(checkpoint_at(one_go, 4)["model"], checkpoint_at(split, 4)["model"])
+    assert train.main(tiny_args(split, "--attention", "vca", "--resume", ckpt, steps=6)) == 2
+    assert "different model (attention: checkpoint 'mhsa' vs now 'vca')" in capsys.readouterr().err
+
+
+def test_cosine_noise_schedule_trains(tmp_path):
+    """--noise-schedule cosine is offered by the parser, so it must train (ADM's cosine)."""
+    assert train.main(tiny_args(tmp_path, "--noise-schedule", "cosine", steps=2)) == 0
+    state = checkpoint_at(tmp_path, 2)
+    assert state["config"]["objective"]["noise_schedule"] == "cosine"
+    assert all(r["loss"] == r["loss"] for r in read_metrics(tmp_path))  # finite, not nan

@@ -33,6 +33,7 @@ FIXED_ODE = {
     "rk4": ("rk4", 4),
 }
 ADAPTIVE_ODE = ("dopri5", "dopri8", "bosh3", "adaptive_heun")
+ODE_METHODS = (*ADAPTIVE_ODE, *FIXED_ODE)
 SDE_METHODS = ("euler", "heun")
 LAST_STEPS = (None, "Mean", "Tweedie", "Euler")
 TRACES = ("hutchinson", "exact")

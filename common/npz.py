@@ -6,13 +6,16 @@ as ADM's evaluator reads its batches.
 """
 
 import contextlib
-import shutil
 import zipfile
 
 import numpy as np
 from numpy.lib import format as npy
 
-from .errors import MetricsError, one_line
+from .errors import InputError, one_line
+
+
+class NpzError(InputError):
+    """An .npz file that cannot be read as an array file."""
 
 
 @contextlib.contextmanager
@@ -21,20 +24,20 @@ def _open_member(path, key):
         with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as member:
             yield member
     except KeyError:
-        raise MetricsError(f"{path} has no array {key!r}: write it with np.savez") from None
+        raise NpzError(f"{path} has no array {key!r}: write it with np.savez") from None
     except (zipfile.BadZipFile, OSError) as error:
         reason = one_line(error)
-        raise MetricsError(f"{path} is not a readable .npz file ({reason}): rewrite it") from None
+        raise NpzError(f"{path} is not a readable .npz file ({reason}): rewrite it") from None
 
 
 def _read_header(member, path, key):
     version = npy.read_magic(member)
     read = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}.get(version)
     if read is None:
-        raise MetricsError(f"{path}:{key} uses .npy format {version}: rewrite it with np.savez")
+        raise NpzError(f"{path}:{key} uses .npy format {version}: rewrite it with np.savez")
     shape, fortran_order, dtype = read(member)
     if fortran_order or dtype.hasobject:
-        raise MetricsError(f"{path}:{key} is Fortran-ordered or pickled: rewrite it with np.savez")
+        raise NpzError(f"{path}:{key} is Fortran-ordered or pickled: rewrite it with np.savez")
     return shape, dtype
 
 
@@ -53,24 +56,31 @@ def iter_npz_array(path, key="arr_0", batch_size=100):
             rows = min(batch_size, shape[0] - start)
             data = member.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
-                raise MetricsError(f"{path}:{key} is truncated: rewrite the file")
+                raise NpzError(f"{path}:{key} is truncated: rewrite the file")
             yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
 
 
-def write_npz(path, arrays, raw_member=None):
-    """Write an uncompressed .npz (as np.savez) to `path`.
+def write_npz(file, arrays: dict, streamed=None) -> None:
+    """Write an uncompressed .npz (as np.savez) into an open binary file.
 
-    `raw_member` = (key, shape, dtype, raw_file) appends one array whose C-order bytes are copied
-    from an open binary file, so an image array collected on disk never has to be in memory.
+    `streamed` = (key, shape, dtype, chunks) adds one array whose C-order data comes as an
+    iterable of arrays or bytes, so 50,000 images never have to be in memory at once; the bytes
+    must add up to `shape`.
     """
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key, array in arrays.items():
             with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
                 npy.write_array(member, np.asarray(array), allow_pickle=False)
-        if raw_member is not None:
-            key, shape, dtype, raw_file = raw_member
-            header = {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False}
-            with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
-                npy.write_array_header_1_0(member, {**header, "shape": tuple(shape)})
-                raw_file.seek(0)
-                shutil.copyfileobj(raw_file, member, length=16 << 20)
+        if streamed is None:
+            return
+        key, shape, dtype, chunks = streamed
+        dtype = np.dtype(dtype)
+        header = {"descr": npy.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        expected, written = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 0
+        with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+            npy.write_array_header_2_0(member, header)
+            for chunk in chunks:
+                data = chunk if isinstance(chunk, bytes) else np.ascontiguousarray(chunk, dtype)
+                written += member.write(memoryview(data).cast("B"))
+        if written != expected:
+            raise ValueError(f"{key}: {written} bytes streamed for shape {tuple(shape)} {dtype}")
