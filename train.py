@@ -180,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The run the flags describe; a bad value is a UsageError naming the flag."""
-    if args.results_dir is None:
-        args.results_dir = f"results/{args.model.replace('/', '-')}-{args.attention}"
+    default_dir = f"results/{args.model.replace('/', '-')}-{args.attention}"
     family = parse_model_name(args.model)[0]
     return TrainConfig.from_args(
         args,
+        results_dir=args.results_dir or default_dir,
         objective=objective_from_args(args, learn_sigma=args.learn_sigma is not False),
         sampler=sampler_from_args(family, args, cfg_scale=args.preview_cfg),
     )

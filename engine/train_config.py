@@ -62,15 +62,31 @@ class TrainConfig:
             ("--max-steps", self.max_steps is None or self.max_steps > 0, "positive"),
             ("--global-batch-size", self.global_batch_size > 0, "positive"),
             ("--lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
-            ("--weight-decay", _finite(self.weight_decay) and self.weight_decay >= 0, "0 or more"),
-            ("--ema-decay", _finite(self.ema_decay) and 0 <= self.ema_decay <= 1, "in [0, 1]"),
-            ("--grad-clip", _finite(self.grad_clip) and self.grad_clip >= 0, "0 (off) or more"),
+            (
+                "--weight-decay",
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                "0 or more",
+            ),
+            (
+                "--ema-decay",
+                math.isfinite(self.ema_decay) and 0 <= self.ema_decay <= 1,
+                "in [0, 1]",
+            ),
+            (
+                "--grad-clip",
+                math.isfinite(self.grad_clip) and self.grad_clip >= 0,
+                "0 (off) or more",
+            ),
             ("--log-every", self.log_every > 0, "positive"),
             ("--ckpt-every", self.ckpt_every > 0, "positive"),
             ("--keep-checkpoints", self.keep_checkpoints >= 0, "0 (keep all) or more"),
             ("--sample-every", self.sample_every >= 0, "0 (never) or more"),
             ("--preview-count", self.preview_count > 0, "positive"),
-            ("--preview-cfg", _finite(self.preview_cfg) and self.preview_cfg >= 0, "0 or more"),
+            (
+                "--preview-cfg",
+                math.isfinite(self.preview_cfg) and self.preview_cfg >= 0,
+                "0 or more",
+            ),
         ]
         for flag, ok, rule in rules:
             if not ok:
@@ -78,10 +94,11 @@ class TrainConfig:
                 raise UsageError(f"{flag} must be {rule}, got {value}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, **configs) -> "TrainConfig":
-        """The flags of the same names; `configs` gives the nested objective and sampler."""
-        names = {f.name for f in fields(cls)} - {"objective", "sampler"}
-        return cls(**{name: getattr(args, name) for name in names}, **configs)
+    def from_args(cls, args: argparse.Namespace, **given) -> "TrainConfig":
+        """The flags of the same names; `given` sets the rest (the nested objective and sampler)
+        and overrides flags."""
+        flags = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**flags, **given})
 
     def model_config(self, latent_size: int, latent_channels: int, num_classes: int):
         return ModelConfig(
@@ -98,7 +115,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value)

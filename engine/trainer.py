@@ -85,19 +85,9 @@ class Trainer:
         self.local_batch = config.global_batch_size // world
 
         self.codec = load_codec(config.vae, self.device)
-        factor = self.codec.downsample * parse_model_name(config.model)[2]
-        if config.image_size % factor:
-            raise UsageError(
-                f"--image-size {config.image_size} is not divisible by {factor} (VAE factor "
-                f"{self.codec.downsample} x patch {factor // self.codec.downsample}); use a "
-                f"multiple of {factor}"
-            )
-        images = build_dataset(config.data_path, config.image_size, config.num_classes)
-        self.dataset = self._dataset(images)
+        self.dataset, num_classes = self._dataset()
         self.model_config = config.model_config(
-            config.image_size // self.codec.downsample,
-            self.codec.latent_channels,
-            config.num_classes or images.num_classes,
+            config.image_size // self.codec.downsample, self.codec.latent_channels, num_classes
         )
         torch.manual_seed(config.global_seed)  # identical initial weights on every rank
         self.model = self.model_config.build().to(self.device)
@@ -124,33 +114,49 @@ class Trainer:
             raise UsageError("previews (--sample-every) need a sampler spec in the config")
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
-        self.sampler = ResumableSampler(
+        self.sampler, self.loader = self._loader()
+
+    def _loader(self) -> tuple[ResumableSampler, DataLoader]:
+        world = self.info.world_size
+        sampler = ResumableSampler(
             self.dataset,
             self.local_batch,
             num_replicas=world,
             rank=self.info.rank,
             shuffle=True,
-            seed=config.global_seed,
+            seed=self.config.global_seed,
         )
-        if self.sampler.batches_per_epoch() == 0:
+        if sampler.batches_per_epoch() == 0:
             raise UsageError(
                 f"the dataset has {len(self.dataset)} items, fewer than one batch of "
                 f"{self.local_batch} per process; lower --global-batch-size"
             )
-        self.loader = DataLoader(
+        loader = DataLoader(
             self.dataset,
             batch_size=self.local_batch,
-            sampler=self.sampler,
-            num_workers=config.num_workers,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=False,
         )
+        return sampler, loader
 
-    def _dataset(self, images):
-        cache = self.config.latent_cache
+    def _dataset(self):
+        """The images (or their latent cache) and the number of classes."""
+        config = self.config
+        factor = self.codec.downsample * parse_model_name(config.model)[2]
+        if config.image_size % factor:
+            raise UsageError(
+                f"--image-size {config.image_size} is not divisible by {factor} (VAE factor "
+                f"{self.codec.downsample} x patch {factor // self.codec.downsample}); use a "
+                f"multiple of {factor}"
+            )
+        images = build_dataset(config.data_path, config.image_size, config.num_classes)
+        num_classes = config.num_classes or images.num_classes
+        cache = config.latent_cache
         if not cache:
-            return images
+            return images, num_classes
         self.log.info(f"latent cache: {cache}")
         build_latent_cache(
             images,
@@ -163,7 +169,7 @@ class Trainer:
             progress=self.info.is_main and sys.stderr.isatty(),
         )
         dist.barrier()
-        return LatentCacheDataset(cache)
+        return LatentCacheDataset(cache), num_classes
 
     def _resume(self):
         path = self.config.resume
@@ -256,10 +262,9 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        running = torch.zeros(2, device=self.device)  # loss sum, count
-        grad_norm = torch.zeros((), device=self.device)
+        self.running = torch.zeros(2, device=self.device)  # loss sum, count since the last log
         finite = torch.ones((), dtype=torch.bool, device=self.device)
-        last_time, last_step = time.perf_counter(), self.step
+        self.last_log = (time.perf_counter(), self.step)
         self.model.train()
         while self.step < total and not self.stop_requested:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
@@ -268,7 +273,7 @@ class Trainer:
                 latents, labels = batch_latents(batch, self.codec, self.device)
                 loss, grad_norm = self.train_step(latents, labels)
                 finite &= torch.isfinite(loss)
-                running += torch.stack([loss, torch.ones((), device=self.device)])
+                self.running += torch.stack([loss, torch.ones((), device=self.device)])
                 self.step += 1
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == per_epoch:
@@ -280,27 +285,7 @@ class Trainer:
                 if at_log or at_ckpt:
                     self._check_finite(finite)
                 if at_log:
-                    now = time.perf_counter()
-                    mean_loss = dist.all_reduce_mean(running[0] / running[1]).item()
-                    steps_per_s = (self.step - last_step) / (now - last_time)
-                    record = {
-                        "step": self.step,
-                        "epoch": self.epoch,
-                        "loss": mean_loss,
-                        "steps_per_s": steps_per_s,
-                        "images_per_s": steps_per_s * config.global_batch_size,
-                        "lr": self.opt.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm),
-                        "peak_mem_gb": peak_memory_gb(self.device),
-                    }
-                    self.log.metrics(record)
-                    self.log.info(
-                        f"step {self.step:07d} loss {mean_loss:.4f} {steps_per_s:.2f} steps/s "
-                        f"{record['images_per_s']:.1f} img/s lr {record['lr']:.2e} "
-                        f"grad {record['grad_norm']:.3f} mem {record['peak_mem_gb']:.2f} GB"
-                    )
-                    running.zero_()
-                    last_time, last_step = now, self.step
+                    self._log_metrics(grad_norm)
                 stop = self.stop_requested = self._agree_stop(control)
                 if at_ckpt or stop:
                     self.save()
@@ -314,6 +299,31 @@ class Trainer:
         else:
             self.log.info(f"done at step {self.step}")
         dist.cleanup()
+
+    def _log_metrics(self, grad_norm: torch.Tensor):
+        """One metrics.jsonl record and log line: the loss averaged over the steps since the
+        last one and over all ranks."""
+        now = time.perf_counter()
+        mean_loss = dist.all_reduce_mean(self.running[0] / self.running[1]).item()
+        steps_per_s = (self.step - self.last_log[1]) / (now - self.last_log[0])
+        record = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": mean_loss,
+            "steps_per_s": steps_per_s,
+            "images_per_s": steps_per_s * self.config.global_batch_size,
+            "lr": self.opt.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "peak_mem_gb": peak_memory_gb(self.device),
+        }
+        self.log.metrics(record)
+        self.log.info(
+            f"step {self.step:07d} loss {mean_loss:.4f} {steps_per_s:.2f} steps/s "
+            f"{record['images_per_s']:.1f} img/s lr {record['lr']:.2e} "
+            f"grad {record['grad_norm']:.3f} mem {record['peak_mem_gb']:.2f} GB"
+        )
+        self.running.zero_()
+        self.last_log = (now, self.step)
 
     def _agree_stop(self, group) -> bool:
         """Agree on the stop flag over a gloo group, which costs no GPU synchronisation."""
