@@ -16,18 +16,25 @@ import argparse
 import os
 import sys
 
-from common import InputError, iter_npz_array
+from common import InputError, check_writable, iter_npz_array, npz_array_info
+from common.cli import ArgumentParser, report
 from data import iter_folder_images
 from engine import dist
 from engine.errors import UsageError
 from engine.loading import add_model_args
-from engine.sample_set import add_sample_set_args, draw_sample_set
+from engine.sample_set import add_sample_set_args, check_sample_set_args, draw_sample_set
 from engine.sampling import add_sampler_args
-from metrics import InceptionFeatures, evaluate_file, write_reference, write_report
+from metrics import (
+    InceptionFeatures,
+    evaluate_file,
+    load_reference,
+    write_reference,
+    write_report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -114,30 +121,53 @@ def make_reference(args) -> None:
     print(f"reference statistics: {args.make_ref}")
 
 
+def check_inputs(args) -> None:
+    """Everything the command will need, checked before any sampling or feature extraction."""
+    if args.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
+    if args.inception_weights and not os.path.isfile(args.inception_weights):
+        raise UsageError(f"--inception-weights {args.inception_weights} does not exist")
+    if args.make_ref:
+        if not args.images:
+            raise UsageError("--make-ref needs --images (an image folder or an .npz)")
+        if not os.path.exists(args.images):
+            raise UsageError(f"--images {args.images} does not exist")
+        if args.ref_images < 0:
+            raise UsageError(f"--ref-images must be 0 or more, got {args.ref_images}")
+        check_writable(args.make_ref, "--make-ref", is_dir=False)
+        return
+    if args.samples:
+        if not args.ref:
+            raise UsageError("--samples needs --ref to evaluate against")
+        npz_array_info(args.samples)  # a readable .npz with arr_0
+    elif not args.ckpt:
+        raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
+    else:
+        check_sample_set_args(args)
+    if args.ref and args.ref != "synthetic":
+        load_reference(args.ref)  # its statistics are read and checked now, not after sampling
+    if args.json:
+        check_writable(args.json, "--json", is_dir=False)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_inputs(args)
         if args.make_ref:
-            if not args.images:
-                raise UsageError("--make-ref needs --images (an image folder or an .npz)")
             make_reference(args)
             return 0
         if args.samples:
-            if not args.ref:
-                raise UsageError("--samples needs --ref to evaluate against")
             score(args, args.samples, {})
             return 0
-        if not args.ckpt:
-            raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
         info = dist.setup(args.device)
         samples_path, settings = draw_sample_set(args, info)
         if args.ref and info.is_main:
             score(args, samples_path, settings)
         dist.cleanup()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     return 0
 
 

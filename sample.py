@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import torch
 
-from common import InputError
+from common import InputError, check_writable
+from common.cli import ArgumentParser, report
 from engine.errors import UsageError
 from engine.images import make_grid, save_png
 from engine.loading import add_model_args, load_model
@@ -28,7 +29,7 @@ DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py: ImageNe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive")
     try:
+        check_writable(args.out, "--out", is_dir=False)
+        if args.save_each:
+            check_writable(args.save_each, "--save-each")
         loaded = load_model(args)
         apply_precision(loaded.precision)
         spec, objective = loaded.sampler(args)
@@ -115,8 +119,7 @@ def main(argv=None) -> int:
         )
         images = np.concatenate([batch for _, batch, _ in batches])
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     nrow = args.nrow or (args.per_class if args.per_class > 1 else 4)
     save_png(make_grid(images, nrow), args.out)
     if args.save_each:

@@ -6,16 +6,25 @@
 See README.md for the ImageNet, multi-node, latent-cache and resume recipes.
 """
 
-import argparse
-import sys
+import signal
 
-from common import InputError
-from engine.objective import add_objective_args, objective_from_args
-from engine.precision import add_precision_args
-from engine.sampling import add_sampler_args, sampler_from_args
-from engine.train_config import TrainConfig
-from engine.trainer import NonFiniteLoss, Trainer
-from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name
+# Before the seconds of importing torch: a SIGTERM from then on ends in a checkpoint (the
+# trainer installs its own handler once it exists and starts from this one's record).
+EARLY_SIGTERM = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda signum, frame: EARLY_SIGTERM.append(signum))
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from common import InputError  # noqa: E402
+from common.cli import ArgumentParser, report  # noqa: E402
+from engine.objective import add_objective_args, objective_from_args  # noqa: E402
+from engine.precision import add_precision_args  # noqa: E402
+from engine.sampling import add_sampler_args, sampler_from_args  # noqa: E402
+from engine.train_config import TrainConfig  # noqa: E402
+from engine.trainer import NonFiniteLoss, Trainer  # noqa: E402
+from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name  # noqa: E402
 
 
 def model_name(value: str) -> str:
@@ -27,7 +36,7 @@ def model_name(value: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -193,10 +202,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        Trainer(config_from_args(args)).run()
+        trainer = Trainer(config_from_args(args))
+        trainer.stop_requested |= bool(EARLY_SIGTERM)
+        trainer.run()
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report(err)
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

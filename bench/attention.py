@@ -9,7 +9,6 @@ Peak memory is what one call adds: torch's allocator peak on CUDA, the peak of t
 by live tensors on CPU (counted op by op: deterministic, and blind to library workspaces).
 """
 
-import argparse
 import functools
 import sys
 import weakref
@@ -20,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from bench.common import device_name, requested_device, time_side_by_side, write_json
+from common.cli import ArgumentParser
 from models import WIDTHS
 from models.attention import InlineCustomOps, build_attention
 
@@ -134,7 +134,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.attention",
         description="Time and memory of one attention layer, MHSA against VCA (and others).",
     )

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from common.cli import ArgumentParser
 from engine.precision import autocast_context, compile_blocks
 from models import create_model
 
@@ -60,7 +61,7 @@ def one_attention(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.compile_time",
         description="Cold compile time of the training step's blocks, MHSA against VCA.",
     )

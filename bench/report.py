@@ -8,7 +8,6 @@ Every ratio is measured inside one run (the configurations alternate), so it hol
 machine where the absolute times do not.
 """
 
-import argparse
 import glob
 import json
 import os
@@ -16,6 +15,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.cli import ArgumentParser
 from engine.images import save_png
 
 from . import compile_time, sampling, train_step
@@ -103,7 +103,7 @@ def bar_chart(bars: list[tuple[str, float]], path: str, title: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.report",
         description="Markdown tables and a PNG bar chart from the benchmarks' JSON files.",
     )

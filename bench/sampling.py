@@ -17,13 +17,13 @@ DiT zero-initialises its output and adaLN layers, so a fresh network predicts ze
 modes would agree trivially; the zero-initialised weights are drawn from N(0, 0.02) instead.
 """
 
-import argparse
 import copy
 import math
 import sys
 
 import torch
 
+from common.cli import ArgumentParser
 from engine.objective import ObjectiveConfig
 from engine.precision import compile_blocks
 from engine.sampling import index_labels, make_sampler, sample_batches, sampling_objective
@@ -170,7 +170,7 @@ def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.sampling",
         description="Images/s of the DDPM (DiT), SDE and ODE (SiT) samplers, VAE decode "
         "included: the reference sample.py recipe against ours (fast), side by side, and how "

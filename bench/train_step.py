@@ -22,7 +22,6 @@ the model's FLOPs (torch.utils.flop_counter, one forward+backward; the VAE is no
 the step time and the device's dense bf16 peak.
 """
 
-import argparse
 import copy
 import sys
 
@@ -30,6 +29,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.cli import ArgumentParser
 from engine.ema import create_ema
 from engine.objective import ObjectiveConfig, create_objective
 from engine.precision import compile_blocks
@@ -215,7 +215,7 @@ def mode_settings(args, device) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.train_step",
         description="Images/s, peak memory and MFU of one training step: the original DiT "
         "recipe (reference) against ours (fast), side by side.",

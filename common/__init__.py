@@ -2,15 +2,17 @@
 files and the cache root. It imports nothing from the rest of the project."""
 
 from .errors import InputError, one_line
-from .files import atomic_write, cache_root
+from .files import atomic_write, cache_root, check_writable, sweep_leftovers
 from .npz import iter_npz_array, npz_array_info, write_npz
 
 __all__ = [
     "InputError",
     "atomic_write",
     "cache_root",
+    "check_writable",
     "iter_npz_array",
     "npz_array_info",
     "one_line",
+    "sweep_leftovers",
     "write_npz",
 ]

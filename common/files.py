@@ -1,8 +1,11 @@
-"""Atomic writes and the project's cache folder."""
+"""Atomic writes, the sweep of their leftovers, writability checks and the cache folder."""
 
 import contextlib
 import os
+import re
 import uuid
+
+from .errors import InputError
 
 
 @contextlib.contextmanager
@@ -38,3 +41,39 @@ def cache_root() -> str:
     """$VCA_DIT_CACHE, else ~/.cache/vca-dit: official checkpoints and the demo classifier."""
     root = os.environ.get("VCA_DIT_CACHE") or os.path.join("~", ".cache", "vca-dit")
     return os.path.expanduser(root)
+
+
+def check_writable(path, flag: str, is_dir: bool = True) -> None:
+    """An InputError naming `flag` unless `path` can be written: it is (or can be created as) a
+    folder / file, and the nearest existing folder above it may be written in. Creates nothing,
+    so a refused command leaves no trace."""
+    path = os.path.abspath(os.fspath(path))
+    kind = "folder" if is_dir else "file"
+    if os.path.exists(path):
+        if is_dir != os.path.isdir(path):
+            raise InputError(f"{flag} {path} exists and is not a {kind}")
+        target = path if is_dir else os.path.dirname(path)
+    else:
+        target = os.path.dirname(path)
+        while not os.path.exists(target):
+            target = os.path.dirname(target)
+        if not os.path.isdir(target):
+            raise InputError(f"{flag} {path}: {target} is a file, so the {kind} cannot be made")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: {target} is not writable")
+
+
+# What atomic_write leaves when killed (and the ".tmp-*" files of earlier versions).
+LEFTOVER = re.compile(r"^(\..+\.[0-9a-f]{12}\.tmp|\.tmp-.+)$")
+
+
+def sweep_leftovers(folder) -> list[str]:
+    """Remove the temporary files that killed atomic_writes left in `folder`; returns their
+    names. Call it where no other process is writing into `folder` at the time."""
+    if not os.path.isdir(folder):
+        return []
+    removed = sorted(name for name in os.listdir(folder) if LEFTOVER.match(name))
+    for name in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return removed

@@ -80,10 +80,9 @@ def save_training_checkpoint(path: str, train_step, position: dict, configs: dic
     save_checkpoint(state, path)
 
 
-def restore_training_checkpoint(path: str, train_step, model_config, run: dict) -> dict:
-    """Load a training checkpoint into `train_step` after checking that it holds the network of
-    `model_config`, trained at `run`'s image_size and vae; returns the loop's position."""
-    state = load_checkpoint(path)
+def check_resumable(path: str, state: dict, model_config, run: dict) -> None:
+    """A UsageError unless the checkpoint `state` (read from `path`) holds the network of
+    `model_config`, trained at `run`'s image_size and vae."""
     saved = stored_config(state)
     current = model_config.to_dict()
     stored = {key: saved["model"].get(key, value) for key, value in current.items()}
@@ -100,6 +99,11 @@ def restore_training_checkpoint(path: str, train_step, model_config, run: dict) 
     if mismatched:
         detail = ", ".join(f"{key}: checkpoint {a!r} vs now {b!r}" for key, a, b in mismatched)
         raise UsageError(f"cannot resume {path}: it is from a different model ({detail})")
+
+
+def restore_training_state(path: str, state: dict, train_step) -> dict:
+    """Load a checked training checkpoint `state` into `train_step`; returns the loop's
+    position."""
     try:
         train_step.model.load_state_dict(state["model"])
         train_step.ema.load_state_dict(state["ema"])
@@ -139,23 +143,61 @@ def list_checkpoints(folder: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def loads(path: str) -> bool:
+    """Whether a checkpoint file reads (memory-mapped, so only its index is touched)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return True
+    except Exception:
+        return False
+
+
 def latest_checkpoint(folder: str) -> str | None:
     """The newest checkpoint that loads; a damaged newest file falls back to the one before."""
-    for _, path in reversed(list_checkpoints(folder)):
-        try:
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return path
-        except Exception:
-            continue
-    return None
+    return next((path for _, path in reversed(list_checkpoints(folder)) if loads(path)), None)
 
 
 def prune_checkpoints(folder: str, keep: int) -> None:
-    """Keep the `keep` newest checkpoints (0 keeps all)."""
+    """Keep the `keep` newest checkpoints that load (0 keeps all) and delete the rest,
+    unreadable ones included: a damaged file never takes the place of a good one."""
     if keep <= 0:
         return
-    for _, path in list_checkpoints(folder)[:-keep]:
-        os.remove(path)
+    found = list_checkpoints(folder)
+    kept = [path for _, path in found if loads(path)][-keep:]
+    for _, path in found:
+        if path not in kept:
+            os.remove(path)
+
+
+def checkpoint_to_resume(folder: str, resume: str | None) -> str | None:
+    """The checkpoint a run starts from: None (fresh), the newest loadable one in `folder` for
+    "auto", or the file given. A fresh run in a folder that holds another run's checkpoints, and
+    "auto" where none of them loads, are UsageErrors: the new run's pruning would delete them,
+    and a fresh start would overwrite them."""
+    found = list_checkpoints(folder)
+    if resume is None:
+        if found:
+            raise UsageError(
+                f"{folder} holds checkpoints of an earlier run (the newest is {found[-1][1]}); "
+                "pass --resume to continue it, or give another --results-dir"
+            )
+        return None
+    if resume == "auto":
+        path = latest_checkpoint(folder)
+        if found and path is None:
+            raise UsageError(
+                f"none of the {len(found)} checkpoints in {folder} can be read; move them away "
+                "to start afresh, or pass --resume PATH to a good copy"
+            )
+        return path
+    if os.path.isdir(resume):
+        raise UsageError(
+            f"--resume {resume} is a folder; pass a checkpoint file in it, or "
+            f"--results-dir {resume} --resume to take its newest"
+        )
+    if not os.path.isfile(resume):
+        raise UsageError(f"--resume {resume}: no such checkpoint file")
+    return resume
 
 
 def stored_config(saved: dict) -> dict:

@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+from common import atomic_write
+
 from .images import plot_curve
 
 
@@ -32,6 +34,21 @@ class RunLogger:
                     self.loss_steps.append(record["step"])
                     self.losses.append(record["loss"])
 
+    def rewind(self, step: int):
+        """Drop the records after `step` (a resumed run logs those steps again), so
+        metrics.jsonl holds each step once."""
+        if not self.enabled or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+        if len(kept) != len(lines):
+            with atomic_write(self.metrics_path, "w") as f:
+                f.writelines(kept)
+        while self.loss_steps and self.loss_steps[-1] > step:
+            self.loss_steps.pop()
+            self.losses.pop()
+
     def info(self, message: str):
         if not self.enabled:
             return
@@ -53,3 +70,11 @@ class RunLogger:
             self.loss_steps.append(record["step"])
             self.losses.append(record["loss"])
             plot_curve(self.loss_steps, self.losses, os.path.join(self.folder, "loss.png"))
+
+
+def _step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line torn by a kill."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None

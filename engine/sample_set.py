@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_write, npz_array_info, write_npz
+from common import atomic_write, check_writable, npz_array_info, sweep_leftovers, write_npz
 
 from . import dist
 from .errors import UsageError
@@ -84,6 +84,17 @@ def add_sample_set_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_sample_set_args(args) -> None:
+    """The sample-set flags' ranges and the folder's writability, before any model is loaded."""
+    for flag in ("num_samples", "batch_size", "shard_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(
+                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
+            )
+    if args.sample_dir:
+        check_writable(args.sample_dir, "--sample-dir")
+
+
 def settings_of(args, loaded, spec) -> dict:
     """Everything that changes the sample set, recorded in its folder and the metrics JSON."""
     return {
@@ -101,6 +112,7 @@ def settings_of(args, loaded, spec) -> dict:
         "seed": args.seed,
         "precision": loaded.precision,
         "num_samples": args.num_samples,
+        "shard_size": args.shard_size,
     }
 
 
@@ -127,8 +139,10 @@ def draw_sample_set(args, info) -> tuple[str, dict]:
     spec, objective = loaded.sampler(args)
     settings = settings_of(args, loaded, spec)
     folder = args.sample_dir or default_sample_dir(args, loaded, spec)
+    check_writable(folder, "--sample-dir")
     if info.is_main:
         write_settings(folder, settings)
+        sweep_leftovers(folder)
     dist.barrier()
     num_samples, shard_size = args.num_samples, args.shard_size
     missing = missing_shards(folder, num_samples, shard_size)

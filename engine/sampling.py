@@ -154,7 +154,7 @@ def make_sampler(
             f"sampler {method!r} does not apply to {family} models; "
             f"use one of {', '.join(METHODS[family])}"
         )
-    steps = steps or DEFAULT_STEPS[method]
+    steps = DEFAULT_STEPS[method] if steps is None else steps
     fewest = 1 if method == "ode" else 2  # the others count both ends of their time grid
     if steps < fewest:
         raise UsageError(f"--num-sampling-steps must be at least {fewest} for {method}")

@@ -6,7 +6,7 @@ import argparse
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from models import ModelConfig
+from models import ModelConfig, parse_model_name
 
 from .errors import UsageError
 from .objective import ObjectiveConfig
@@ -92,6 +92,11 @@ class TrainConfig:
             if not ok:
                 value = getattr(self, flag[2:].replace("-", "_"))
                 raise UsageError(f"{flag} must be {rule}, got {value}")
+        try:  # the network's own rules, at stand-in sizes (the real ones come from the data)
+            patch = parse_model_name(self.model)[2]
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        self.model_config(patch, 4, self.num_classes or 1)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **given) -> "TrainConfig":

@@ -20,16 +20,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from common import check_writable, sweep_leftovers
 from data import LatentCacheDataset, build_dataset, build_latent_cache
 from models import parse_model_name
 from models.codec import load_codec
 
 from . import dist
 from .checkpoint import (
+    check_resumable,
     checkpoint_path,
+    checkpoint_to_resume,
     latest_checkpoint,
+    load_checkpoint,
     prune_checkpoints,
-    restore_training_checkpoint,
+    restore_training_state,
     save_training_checkpoint,
 )
 from .ema import create_ema
@@ -68,12 +72,17 @@ class Trainer:
     """The training loop of one run, on every rank: build, resume, then `run()`."""
 
     def __init__(self, config: TrainConfig):
+        # Installed first: a SIGTERM while the run is being built still ends in a checkpoint.
+        self.stop_requested = False
+        signal.signal(signal.SIGTERM, self._request_stop)
         self.config = config
         self.family = parse_model_name(config.model)[0]
+        check_writable(config.results_dir, "--results-dir")
+        if config.latent_cache:
+            check_writable(config.latent_cache, "--latent-cache")
+        self.resume_from = checkpoint_to_resume(self.checkpoint_dir, config.resume)
         self.info = dist.setup(config.device)
         self.device = self.info.device
-        self.log = RunLogger(config.results_dir, enabled=self.info.is_main)
-        self.stop_requested = False
         self.precision = resolve_precision(config.precision, self.device)
         apply_precision(self.precision)
         world = self.info.world_size
@@ -85,10 +94,29 @@ class Trainer:
         self.local_batch = config.global_batch_size // world
 
         self.codec = load_codec(config.vae, self.device)
-        self.dataset, num_classes = self._dataset()
+        images = self._images()
+        if len(images) // world < self.local_batch:
+            raise UsageError(
+                f"the dataset has {len(images)} items, fewer than one batch of "
+                f"{self.local_batch} per process; lower --global-batch-size"
+            )
         self.model_config = config.model_config(
-            config.image_size // self.codec.downsample, self.codec.latent_channels, num_classes
+            config.image_size // self.codec.downsample,
+            self.codec.latent_channels,
+            config.num_classes or images.num_classes,
         )
+        self.resume_state = None
+        if self.resume_from:
+            self.resume_state = load_checkpoint(self.resume_from)
+            run = {"image_size": config.image_size, "vae": config.vae}
+            check_resumable(self.resume_from, self.resume_state, self.model_config, run)
+        # Every input checked: from here on the run writes into its folder.
+        self.log = RunLogger(config.results_dir, enabled=self.info.is_main)
+        if self.info.is_main:
+            swept = sweep_leftovers(self.checkpoint_dir)
+            if swept:
+                self.log.info(f"removed {len(swept)} files of interrupted checkpoint writes")
+        self.dataset = self._dataset(images)
         torch.manual_seed(config.global_seed)  # identical initial weights on every rank
         self.model = self.model_config.build().to(self.device)
         self.model.grad_checkpoint = config.grad_checkpoint
@@ -126,11 +154,6 @@ class Trainer:
             shuffle=True,
             seed=self.config.global_seed,
         )
-        if sampler.batches_per_epoch() == 0:
-            raise UsageError(
-                f"the dataset has {len(self.dataset)} items, fewer than one batch of "
-                f"{self.local_batch} per process; lower --global-batch-size"
-            )
         loader = DataLoader(
             self.dataset,
             batch_size=self.local_batch,
@@ -142,8 +165,7 @@ class Trainer:
         )
         return sampler, loader
 
-    def _dataset(self):
-        """The images (or their latent cache) and the number of classes."""
+    def _images(self):
         config = self.config
         factor = self.codec.downsample * parse_model_name(config.model)[2]
         if config.image_size % factor:
@@ -152,11 +174,13 @@ class Trainer:
                 f"{self.codec.downsample} x patch {factor // self.codec.downsample}); use a "
                 f"multiple of {factor}"
             )
-        images = build_dataset(config.data_path, config.image_size, config.num_classes)
-        num_classes = config.num_classes or images.num_classes
-        cache = config.latent_cache
+        return build_dataset(config.data_path, config.image_size, config.num_classes)
+
+    def _dataset(self, images):
+        """The images, or their latent cache."""
+        cache = self.config.latent_cache
         if not cache:
-            return images, num_classes
+            return images
         self.log.info(f"latent cache: {cache}")
         build_latent_cache(
             images,
@@ -169,25 +193,19 @@ class Trainer:
             progress=self.info.is_main and sys.stderr.isatty(),
         )
         dist.barrier()
-        return LatentCacheDataset(cache), num_classes
+        return LatentCacheDataset(cache)
 
     def _resume(self):
-        path = self.config.resume
-        if path == "auto":
-            path = latest_checkpoint(self.checkpoint_dir)
-            if path is None:
+        path = self.resume_from
+        if path is None:
+            if self.config.resume == "auto":
                 self.log.info("--resume auto: no checkpoint yet, starting from scratch")
-                return
-        elif path is None:
             return
-        position = restore_training_checkpoint(
-            path,
-            self.train_step,
-            self.model_config,
-            {"image_size": self.config.image_size, "vae": self.config.vae},
-        )
+        position = restore_training_state(path, self.resume_state, self.train_step)
+        self.resume_state = None
         self.step = position["step"]
         self.epoch, self.batch_in_epoch = position["epoch"], position["batch_in_epoch"]
+        self.log.rewind(self.step)
         if position.get("world_size", 1) != self.info.world_size:
             self.log.info("resuming with a different world size: the data order changes")
         self.log.info(f"resumed from {path} at step {self.step}")
@@ -245,7 +263,6 @@ class Trainer:
 
     def run(self):
         config = self.config
-        signal.signal(signal.SIGTERM, self._request_stop)
         control = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         per_epoch = self.sampler.batches_per_epoch()
         total = config.max_steps or config.epochs * per_epoch
@@ -266,6 +283,9 @@ class Trainer:
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         self.last_log = (time.perf_counter(), self.step)
         self.model.train()
+        if self._agree_stop(control):  # SIGTERM while the run was being built
+            self.stop_requested = True
+            self.save()
         while self.step < total and not self.stop_requested:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
@@ -282,11 +302,11 @@ class Trainer:
 
                 at_log = self.step % config.log_every == 0 or self.step == total
                 at_ckpt = self.step % config.ckpt_every == 0 or self.step == total
-                if at_log or at_ckpt:
+                stop = self.stop_requested = self._agree_stop(control)
+                if at_log or at_ckpt or stop:  # no checkpoint of non-finite weights, ever
                     self._check_finite(finite)
                 if at_log:
                     self._log_metrics(grad_norm)
-                stop = self.stop_requested = self._agree_stop(control)
                 if at_ckpt or stop:
                     self.save()
                 if config.sample_every and self.step % config.sample_every == 0:

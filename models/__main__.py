@@ -1,11 +1,12 @@
 """`python -m models --table`: parameters and GMACs of every model and attention, counted on the
 built modules (meta device, so even XL at 512 px costs no memory)."""
 
-import argparse
 import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from common.cli import ArgumentParser
 
 from . import ATTENTION_HELP, ATTENTIONS, MODEL_NAMES, create_model
 from .attention import InlineCustomOps
@@ -33,7 +34,7 @@ def count(name: str, attention: str, image_size: int, num_classes: int = 1000) -
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m models",
         description="List the model registry, or print parameters and GMACs per config.",
         epilog="attentions: " + "; ".join(f"{k}: {v}" for k, v in ATTENTION_HELP.items()),

@@ -159,16 +159,13 @@ class InlineCustomOps(TorchDispatchMode):
 def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
     """softmax(query @ key^T) with the stream axis split out: (..., L, 2, n) when the streams
     are the keys, (..., 2, n, S) when they are the queries. The backward calls it again and
-    gets the forward's maps exactly.
-
-    The softmax runs in place (its kernels read a row before they write it), so the scores
-    become the maps and the two never take memory side by side; it also keeps the maps in the
-    scores' dtype where CUDA autocast would return fp32."""
+    gets the forward's maps exactly."""
     scores = query @ key.transpose(-1, -2)
     *batch, rows, cols = scores.shape
     streams = (*batch, rows, 2, cols // 2) if in_keys else (*batch, 2, rows // 2, cols)
     normalised = scores if joint else scores.view(streams)  # one softmax per last-dim row
-    return torch.ops.aten._softmax.out(normalised, -1, False, out=normalised).view(streams)
+    # An explicit dtype: CUDA autocast would otherwise return the map in fp32.
+    return torch.softmax(normalised, -1, dtype=scores.dtype).view(streams)
 
 
 @custom_op("stream_difference")

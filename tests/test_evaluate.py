@@ -148,7 +148,7 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, weights_file, ca
     weights = ["--inception-weights", str(weights_file), "--device", "cpu"]
     cases = [
         (["--samples", str(good), "--ref", str(no_mu), *weights], "mu"),
-        (["--samples", str(floats), "--ref", str(no_mu), *weights], "uint8"),
+        (["--samples", str(floats), "--ref", str(ref), *weights], "uint8"),
         (["--samples", str(good), "--ref", str(ref), "--inception-weights", "/nope.pth"], "nope"),
         (sample_args(checkpoint, tmp_path / "s", "--sampler", "ode"), "does not apply"),
         (["--samples", str(tmp_path / "missing.npz"), "--ref", str(good), *weights], "missing"),
