@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from test_train import tiny_args
 
 import evaluate_fid
 import sample
@@ -15,11 +16,7 @@ import train
 
 
 def tiny_train(results, *extra):
-    return [
-        "--data-path", "synthetic:32", "--image-size", "16", "--vae", "none", "--model",
-        "DiT-T/4", "--global-batch-size", "8", "--num-workers", "0", "--max-steps", "2",
-        "--results-dir", str(results), *extra,
-    ]  # fmt: skip
+    return tiny_args(results, *extra, steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+from test_train import assert_states_equal, checkpoint_at, tiny_args
 
 import train
 from engine.checkpoint import list_checkpoints, prune_checkpoints
@@ -19,27 +20,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny(results, *extra, steps=8):
-    return [
-        "--data-path", "synthetic:32", "--image-size", "16", "--vae", "none", "--model",
-        "DiT-T/4", "--global-batch-size", "8", "--num-workers", "0", "--log-every", "1",
-        "--max-steps", str(steps), "--ckpt-every", "1", "--results-dir", str(results), *extra,
-    ]  # fmt: skip
-
-
-def state(results, step):
-    path = os.path.join(results, "checkpoints", f"{step:07d}.pt")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def assert_equal(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_equal(a[key], b[key])
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b
+    """test_train's tiny run, with a checkpoint at every step."""
+    return tiny_args(results, "--ckpt-every", "1", *extra, steps=steps)
 
 
 def test_random_kill_9_then_resume_is_bit_exact(tmp_path):
@@ -67,9 +49,9 @@ def test_random_kill_9_then_resume_is_bit_exact(tmp_path):
         if proc.returncode == 0:
             break
     assert kills >= 1 and proc.returncode == 0
-    one, killed = state(tmp_path / "one", 8), state(tmp_path / "killed", 8)
-    for key in ("model", "ema", "opt", "step", "epoch", "batch_in_epoch"):
-        assert_equal(one[key], killed[key])
+    one, killed = checkpoint_at(tmp_path / "one", 8), checkpoint_at(tmp_path / "killed", 8)
+    keys = ("model", "ema", "opt", "step", "epoch", "batch_in_epoch")
+    assert_states_equal({k: one[k] for k in keys}, {k: killed[k] for k in keys})
     folder = tmp_path / "killed" / "checkpoints"
     for name in os.listdir(folder):  # no leftovers, nothing torn
         torch.load(folder / name, map_location="cpu", weights_only=True)
