@@ -21,9 +21,10 @@ from common.cli import ArgumentParser, report
 from data import iter_folder_images
 from engine import dist
 from engine.errors import UsageError
-from engine.loading import add_model_args
-from engine.sample_set import add_sample_set_args, check_sample_set_args, draw_sample_set
-from engine.sampling import add_sampler_args
+from engine.loading import CheckpointRequest, add_model_args, load_model
+from engine.precision import apply_precision
+from engine.sample_set import SampleSetConfig, add_sample_set_args, draw_sample_set
+from engine.sampling import add_sampler_args, sampler_from_args
 from metrics import (
     InceptionFeatures,
     evaluate_file,
@@ -143,7 +144,7 @@ def check_inputs(args) -> None:
     elif not args.ckpt:
         raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
     else:
-        check_sample_set_args(args)
+        SampleSetConfig.from_args(args)
     if args.ref and args.ref != "synthetic":
         load_reference(args.ref)  # its statistics are read and checked now, not after sampling
     if args.json:
@@ -162,7 +163,11 @@ def main(argv=None) -> int:
             score(args, args.samples, {})
             return 0
         info = dist.setup(args.device)
-        samples_path, settings = draw_sample_set(args, info)
+        loaded = load_model(CheckpointRequest.from_args(args), info.device)
+        apply_precision(loaded.precision)
+        spec = sampler_from_args(loaded.family, args)
+        sample_set = SampleSetConfig.from_args(args)
+        samples_path, settings = draw_sample_set(loaded, spec, sample_set, info)
         if args.ref and info.is_main:
             score(args, samples_path, settings)
         dist.cleanup()

@@ -21,9 +21,9 @@ from common import InputError, check_writable
 from common.cli import ArgumentParser, report
 from engine.errors import UsageError
 from engine.images import make_grid, save_png
-from engine.loading import add_model_args, load_model
+from engine.loading import CheckpointRequest, add_model_args, load_model
 from engine.precision import apply_precision
-from engine.sampling import add_sampler_args, sample_batches
+from engine.sampling import add_sampler_args, sample_batches, sampler_from_args
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py: ImageNet classes
 
@@ -101,9 +101,10 @@ def main(argv=None) -> int:
         check_writable(args.out, "--out", is_dir=False)
         if args.save_each:
             check_writable(args.save_each, "--save-each")
-        loaded = load_model(args)
+        loaded = load_model(CheckpointRequest.from_args(args))
         apply_precision(loaded.precision)
-        spec, objective = loaded.sampler(args)
+        spec = sampler_from_args(loaded.family, args)
+        objective = loaded.objective_for(spec)
         labels = class_labels(args, loaded.num_classes)
         batches = sample_batches(
             loaded.model,

@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,7 +31,29 @@ from .dist import resolve_device
 from .errors import UsageError
 from .objective import ObjectiveConfig
 from .precision import add_precision_args, compile_blocks, resolve_compile, resolve_precision
-from .sampling import SamplerSpec, sampler_from_args, sampling_objective
+from .sampling import SamplerSpec, sampling_objective
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """Which checkpoint to load and what the user expects of it (None: whatever it holds);
+    the fields of add_model_args's flags."""
+
+    ckpt: str | None
+    ckpt_cache: str | None = None
+    weights: str = "ema"
+    model: str | None = None
+    attention: str | None = None
+    image_size: int | None = None
+    num_classes: int | None = None
+    vae: str | None = None
+    device: str | None = None
+    precision: str = "auto"
+    compile: bool | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "CheckpointRequest":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -70,14 +92,12 @@ class LoadedModel:
         side = self.config.input_size
         return (self.config.in_channels, side, side)
 
-    def sampler(self, args: argparse.Namespace) -> tuple[SamplerSpec, object]:
-        """The sampler the flags ask for, checked against this model, and the objective
-        that runs it."""
-        spec = sampler_from_args(self.family, args)
+    def objective_for(self, spec: SamplerSpec):
+        """The objective that runs `spec` on this model, once the spec is checked to fit it."""
         channels = self.config.in_channels
         if spec.cfg_channels is not None and not 1 <= spec.cfg_channels <= channels:
             raise UsageError(f"--cfg-channels must be between 1 and {channels} for {self.name}")
-        return spec, sampling_objective(self.family, self.objective, spec)
+        return sampling_objective(self.family, self.objective, spec)
 
     @property
     def description(self) -> str:
@@ -215,15 +235,15 @@ def infer_shapes(state: dict, path: str) -> dict:
     }
 
 
-def model_config(path: str, shapes: dict, saved: dict, args) -> ModelConfig:
+def model_config(path: str, shapes: dict, saved: dict, request: CheckpointRequest) -> ModelConfig:
     """The network the file holds: name, attention and VCA options as stored (else the flags,
     else inferred: SiT when the file name says so, mhsa), sizes from the tensors. A flag that
     contradicts the file is a UsageError naming the fix."""
     shaped = f"{shapes['width']}/{shapes['patch']}"
     family = "SiT" if "SiT" in os.path.basename(path) else "DiT"
-    name = saved.get("name") or args.model or f"{family}-{shaped}"
-    if args.model and args.model != name:
-        raise UsageError(f"{path} holds a {name} model, not {args.model}; drop --model")
+    name = saved.get("name") or request.model or f"{family}-{shaped}"
+    if request.model and request.model != name:
+        raise UsageError(f"{path} holds a {name} model, not {request.model}; drop --model")
     _, width, patch = parse_model_name(name)
     if f"{width}/{patch}" != shaped:
         raise UsageError(
@@ -231,14 +251,14 @@ def model_config(path: str, shapes: dict, saved: dict, args) -> ModelConfig:
             f"hidden {WIDTHS[shapes['width']][1]}, patch {shapes['patch']}), not {name}; "
             f"pass --model {name.split('-')[0]}-{shaped} or a {name} checkpoint"
         )
-    attention = saved.get("attention") or args.attention or "mhsa"
-    if args.attention and args.attention != attention:
+    attention = saved.get("attention") or request.attention or "mhsa"
+    if request.attention and request.attention != attention:
         raise UsageError(
-            f"{path} uses {attention} attention, not {args.attention}; drop --attention"
+            f"{path} uses {attention} attention, not {request.attention}; drop --attention"
         )
-    if args.num_classes is not None and args.num_classes != shapes["num_classes"]:
+    if request.num_classes is not None and request.num_classes != shapes["num_classes"]:
         raise UsageError(
-            f"{path} has {shapes['num_classes']} classes, not --num-classes {args.num_classes}; "
+            f"{path} has {shapes['num_classes']} classes, not --num-classes {request.num_classes}; "
             "drop it"
         )
     sizes = {key: shapes[key] for key in ("in_channels", "learn_sigma", "num_classes")}
@@ -275,28 +295,28 @@ def _load_state(model: torch.nn.Module, state: dict, path: str, what: str) -> No
     model.load_state_dict(state)
 
 
-def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
-    """The checkpoint `args.ckpt` as a model on `device` (default --device, else cuda if
+def load_model(request: CheckpointRequest, device=None) -> LoadedModel:
+    """The checkpoint `request.ckpt` as a model on `device` (default --device, else cuda if
     available), checked against --model/--attention/--image-size/--num-classes/--vae, its
     blocks compiled when --compile says so. Global state (TF32 flags) is the caller's:
     `engine.precision.apply_precision(loaded.precision)`.
 
     Every mismatch is a UsageError (or a CodecError for the VAE) with a one-line message.
     """
-    if not args.ckpt:
+    if not request.ckpt:
         raise UsageError("no checkpoint given; pass --ckpt PATH or an official name")
-    device = resolve_device(device or args.device)
-    path = resolve_checkpoint(args.ckpt, args.ckpt_cache or default_cache_dir())
-    state, saved, weights = read_weights(path, args.weights)
-    config = model_config(path, infer_shapes(state, path), saved["model"], args)
+    device = resolve_device(device or request.device)
+    path = resolve_checkpoint(request.ckpt, request.ckpt_cache or default_cache_dir())
+    state, saved, weights = read_weights(path, request.weights)
+    config = model_config(path, infer_shapes(state, path), saved["model"], request)
     model = config.build()
     _load_state(model, state, path, f"{config.name} with {config.attention} attention")
     model = model.to(device).eval().requires_grad_(False)
-    if resolve_compile(args.compile, device):
+    if resolve_compile(request.compile, device):
         compile_blocks(model)
 
     in_channels = config.in_channels
-    vae = args.vae or saved["train"].get("vae") or ("none" if in_channels == 3 else "ema")
+    vae = request.vae or saved["train"].get("vae") or ("none" if in_channels == 3 else "ema")
     codec = load_codec(vae, device)
     if codec.latent_channels != in_channels:
         raise UsageError(
@@ -305,10 +325,10 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
             "or the VAE it was trained with"
         )
     image_size = config.input_size * codec.downsample
-    if args.image_size is not None and args.image_size != image_size:
+    if request.image_size is not None and request.image_size != image_size:
         raise UsageError(
             f"{path} with VAE {vae!r} makes {image_size}px images, not --image-size "
-            f"{args.image_size}; drop --image-size or pass the matching checkpoint"
+            f"{request.image_size}; drop --image-size or pass the matching checkpoint"
         )
     try:
         objective = ObjectiveConfig.from_dict(saved["objective"], learn_sigma=config.learn_sigma)
@@ -321,7 +341,7 @@ def load_model(args: argparse.Namespace, device=None) -> LoadedModel:
         vae=vae,
         image_size=image_size,
         objective=objective,
-        precision=resolve_precision(args.precision, device),
+        precision=resolve_precision(request.precision, device),
         path=path,
         weights=weights,
     )

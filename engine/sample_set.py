@@ -16,6 +16,7 @@ streamed into an uncompressed zip so 50,000 images at 256 px never sit in memory
 import argparse
 import json
 import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -25,8 +26,6 @@ from common import atomic_write, check_writable, npz_array_info, sweep_leftovers
 
 from . import dist
 from .errors import UsageError
-from .loading import load_model
-from .precision import apply_precision
 from .sampling import index_labels, sample_batches
 
 
@@ -84,22 +83,38 @@ def add_sample_set_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_sample_set_args(args) -> None:
-    """The sample-set flags' ranges and the folder's writability, before any model is loaded."""
-    for flag in ("num_samples", "batch_size", "shard_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(
-                f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}"
-            )
-    if args.sample_dir:
-        check_writable(args.sample_dir, "--sample-dir")
+@dataclass(frozen=True)
+class SampleSetConfig:
+    """A FID sample set: how many images, which labels and seed, and how it is drawn and
+    stored (add_sample_set_args's flags); checked when made."""
+
+    num_samples: int = 50_000
+    labels: str = "uniform"
+    seed: int = 0
+    batch_size: int = 32
+    shard_size: int = 1000
+    sample_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("num_samples", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be positive, got {getattr(self, name)}")
+        if self.labels not in ("uniform", "balanced"):
+            raise UsageError(f"unknown label protocol {self.labels!r}; use uniform or balanced")
+        if self.sample_dir:
+            check_writable(self.sample_dir, "--sample-dir")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SampleSetConfig":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def settings_of(args, loaded, spec) -> dict:
+def settings_of(loaded, spec, sample_set: SampleSetConfig) -> dict:
     """Everything that changes the sample set, recorded in its folder and the metrics JSON."""
     return {
         "checkpoint": loaded.path,
-        "weights": args.weights,
+        "weights": loaded.weights,
         "model": loaded.name,
         "attention": loaded.attention,
         "image_size": loaded.image_size,
@@ -108,43 +123,41 @@ def settings_of(args, loaded, spec) -> dict:
         "sampler": spec.describe(),
         "cfg_scale": spec.cfg_scale,
         "cfg_channels": spec.cfg_channels,
-        "labels": args.labels,
-        "seed": args.seed,
+        "labels": sample_set.labels,
+        "seed": sample_set.seed,
         "precision": loaded.precision,
-        "num_samples": args.num_samples,
-        "shard_size": args.shard_size,
+        "num_samples": sample_set.num_samples,
+        "shard_size": sample_set.shard_size,
     }
 
 
-def default_sample_dir(args, loaded, spec) -> str:
+def default_sample_dir(loaded, spec, sample_set: SampleSetConfig) -> str:
     stem = os.path.splitext(os.path.basename(loaded.path))[0]
     parts = [
         stem,
-        args.weights,
+        loaded.weights,
         spec.method,
         str(spec.steps),
         f"cfg{spec.cfg_scale:g}",
-        args.labels,
-        f"seed{args.seed}",
-        f"n{args.num_samples}",
+        sample_set.labels,
+        f"seed{sample_set.seed}",
+        f"n{sample_set.num_samples}",
     ]
     return os.path.join("fid-samples", "-".join(parts))
 
 
-def draw_sample_set(args, info) -> tuple[str, dict]:
-    """The sample set the flags describe, drawn by every rank and merged by rank 0 into
-    `samples.npz`; returns its path and settings."""
-    loaded = load_model(args, info.device)
-    apply_precision(loaded.precision)
-    spec, objective = loaded.sampler(args)
-    settings = settings_of(args, loaded, spec)
-    folder = args.sample_dir or default_sample_dir(args, loaded, spec)
+def draw_sample_set(loaded, spec, sample_set: SampleSetConfig, info) -> tuple[str, dict]:
+    """The sample set of `loaded` with sampler `spec`, drawn by every rank and merged by rank 0
+    into `samples.npz`; returns its path and settings."""
+    objective = loaded.objective_for(spec)
+    settings = settings_of(loaded, spec, sample_set)
+    folder = sample_set.sample_dir or default_sample_dir(loaded, spec, sample_set)
     check_writable(folder, "--sample-dir")
     if info.is_main:
         write_settings(folder, settings)
         sweep_leftovers(folder)
     dist.barrier()
-    num_samples, shard_size = args.num_samples, args.shard_size
+    num_samples, shard_size, seed = sample_set.num_samples, sample_set.shard_size, sample_set.seed
     missing = missing_shards(folder, num_samples, shard_size)
     todo = [k for k in missing if k % info.world_size == info.rank]  # shard k is rank k's
     bar = tqdm(
@@ -156,7 +169,7 @@ def draw_sample_set(args, info) -> tuple[str, dict]:
     for shard in todo:
         start = shard * shard_size
         indices = range(start, start + _shard_len(shard, num_samples, shard_size))
-        labels = sample_labels(indices, args.seed, loaded.num_classes, num_samples, args.labels)
+        labels = sample_labels(indices, seed, loaded.num_classes, num_samples, sample_set.labels)
         batches = sample_batches(
             loaded.model,
             objective,
@@ -164,8 +177,8 @@ def draw_sample_set(args, info) -> tuple[str, dict]:
             loaded.codec,
             labels,
             loaded.latent_shape,
-            seed=args.seed,
-            batch_size=args.batch_size,
+            seed=seed,
+            batch_size=sample_set.batch_size,
             first_index=start,
             precision=loaded.precision,
         )

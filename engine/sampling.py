@@ -20,7 +20,7 @@ import torch
 import transport
 
 from .errors import UsageError
-from .images import to_uint8
+from .images import make_grid, to_uint8
 from .objective import ObjectiveConfig, create_objective
 from .precision import autocast_context
 
@@ -328,3 +328,26 @@ def sample_batches(
             progress=progress,
         )
         yield indices, to_uint8(images) if uint8 else images, batch_labels
+
+
+def preview_grid(
+    model, objective, spec, codec, latent_shape, *, count, num_classes, seed, precision="fp32"
+) -> np.ndarray:
+    """The training preview: `count` images for labels 0, 1, 2, ... (modulo num_classes),
+    ceil(sqrt(count)) per row, drawn by sample_batches. It is the grid sample.py draws from
+    the same checkpoint with those labels, --seed `seed`, the same sampler and guidance, and
+    --nrow ceil(sqrt(count))."""
+    labels = torch.arange(count) % num_classes
+    batches = sample_batches(
+        model,
+        objective,
+        spec,
+        codec,
+        labels,
+        latent_shape,
+        seed=seed,
+        batch_size=count,
+        precision=precision,
+    )
+    images = np.concatenate([images for _, images, _ in batches])
+    return make_grid(images, max(1, math.ceil(math.sqrt(count))))

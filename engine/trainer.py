@@ -8,7 +8,6 @@ sample, timestep, noise, label dropout) comes from the global RNG reseeded with
 run stopped before it.
 """
 
-import math
 import os
 import signal
 import sys
@@ -38,11 +37,11 @@ from .checkpoint import (
 )
 from .ema import create_ema
 from .errors import UsageError
-from .images import make_grid, save_png
+from .images import save_png
 from .logger import RunLogger
 from .objective import create_objective
 from .precision import apply_precision, compile_blocks, resolve_compile, resolve_precision
-from .sampling import derive_seed, sample_batches, sampling_objective
+from .sampling import derive_seed, preview_grid, sampling_objective
 from .step import TrainStep, batch_latents, create_optimizer
 from .train_config import TrainConfig
 
@@ -80,6 +79,8 @@ class Trainer:
         check_writable(config.results_dir, "--results-dir")
         if config.latent_cache:
             check_writable(config.latent_cache, "--latent-cache")
+        if config.sample_every and config.sampler is None:
+            raise UsageError("previews (--sample-every) need a sampler spec in the config")
         self.resume_from = checkpoint_to_resume(self.checkpoint_dir, config.resume)
         self.info = dist.setup(config.device)
         self.device = self.info.device
@@ -117,32 +118,37 @@ class Trainer:
             if swept:
                 self.log.info(f"removed {len(swept)} files of interrupted checkpoint writes")
         self.dataset = self._dataset(images)
-        torch.manual_seed(config.global_seed)  # identical initial weights on every rank
-        self.model = self.model_config.build().to(self.device)
-        self.model.grad_checkpoint = config.grad_checkpoint
-        self.ema = create_ema(self.model)
-        self.opt = create_optimizer(self.model, config.lr, config.weight_decay)
+        self.train_step = self._train_step()
+        self.model, self.opt = self.train_step.model, self.train_step.optimizer
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self._resume()
+        self.sampler, self.loader = self._loader()
+
+    def _train_step(self) -> TrainStep:
+        """The network (identical initial weights on every rank), its EMA and optimizer, the
+        compiled blocks and the DDP wrapper, as one TrainStep."""
+        config = self.config
+        torch.manual_seed(config.global_seed)
+        model = self.model_config.build().to(self.device)
+        model.grad_checkpoint = config.grad_checkpoint
+        self.ema = create_ema(model)
+        optimizer = create_optimizer(model, config.lr, config.weight_decay)
         if resolve_compile(config.compile, self.device):
-            compile_blocks(self.model)
-        network = self.model
-        if world > 1:
+            compile_blocks(model)
+        network = model
+        if self.info.world_size > 1:
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            network = DistributedDataParallel(self.model, device_ids=ids)
-        self.train_step = TrainStep(
-            self.model,
+            network = DistributedDataParallel(model, device_ids=ids)
+        return TrainStep(
+            model,
             network,
             create_objective(self.family, config.objective),
-            self.opt,
+            optimizer,
             self.ema,
             precision=self.precision,
             ema_decay=config.ema_decay,
             grad_clip=config.grad_clip,
         )
-        if config.sample_every and config.sampler is None:
-            raise UsageError("previews (--sample-every) need a sampler spec in the config")
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self._resume()
-        self.sampler, self.loader = self._loader()
 
     def _loader(self) -> tuple[ResumableSampler, DataLoader]:
         world = self.info.world_size
@@ -234,27 +240,22 @@ class Trainer:
         dist.barrier()
 
     def preview(self):
-        """A grid from the EMA model, drawn as sample.py draws one: labels 0, 1, 2, ... and
-        noise keyed to (--global-seed, index), so `sample.py --seed <global seed>` on this
-        step's checkpoint with the same labels, sampler and guidance gives the same grid."""
+        """samples/<step>.png from the EMA model (engine.sampling.preview_grid)."""
         if self.info.is_main:
-            config = self.config
-            objective = sampling_objective(self.family, config.objective, config.sampler)
-            count = config.preview_count
-            batches = sample_batches(
+            config, model = self.config, self.model_config
+            grid = preview_grid(
                 self.ema,
-                objective,
+                sampling_objective(self.family, config.objective, config.sampler),
                 config.sampler,
                 self.codec,
-                torch.arange(count) % self.model_config.num_classes,
-                (self.model_config.in_channels, *[self.model_config.input_size] * 2),
+                (model.in_channels, model.input_size, model.input_size),
+                count=config.preview_count,
+                num_classes=model.num_classes,
                 seed=config.global_seed,
-                batch_size=count,
                 precision=self.precision,
             )
-            images = next(batches)[1]
             path = os.path.join(config.results_dir, "samples", f"{self.step:07d}.png")
-            save_png(make_grid(images, max(1, math.ceil(math.sqrt(count)))), path)
+            save_png(grid, path)
             self.log.info(f"preview grid {path}")
         dist.barrier()
 

@@ -156,7 +156,8 @@ def test_load_model_reads_each_format(ckpts):
     add_sampler_args(parser, cfg_scale=2.5)
 
     def load(key, *extra):
-        return loading.load_model(parser.parse_args(["--ckpt", ckpts[key], *extra]), "cpu")
+        args = parser.parse_args(["--ckpt", ckpts[key], *extra])
+        return loading.load_model(loading.CheckpointRequest.from_args(args), "cpu")
 
     trained = load("trained")
     assert (trained.family, trained.name, trained.attention) == ("DiT", "DiT-T/4", "mhsa")
@@ -188,7 +189,7 @@ def test_load_model_reads_each_format(ckpts):
     optional = argparse.ArgumentParser()
     loading.add_model_args(optional, ckpt_required=False)
     with pytest.raises(UsageError, match="no checkpoint given"):
-        loading.load_model(optional.parse_args([]), "cpu")
+        loading.load_model(loading.CheckpointRequest.from_args(optional.parse_args([])), "cpu")
 
 
 @pytest.mark.parametrize(
