@@ -133,7 +133,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= size
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.attention",
         description="Time and memory of one attention layer, MHSA against VCA (and others).",
@@ -184,6 +184,11 @@ def main(argv=None):
         help="instead of the table, torch.profiler's operator table of --reps forward+backward "
         "calls of each mixer at the first width and token count: where the time goes",
     )
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = requested_device(parser, args.device)

@@ -169,7 +169,7 @@ def measure(args, method, kind, steps, settings, codec, device) -> list[dict]:
     ]
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.sampling",
         description="Images/s of the DDPM (DiT), SDE and ODE (SiT) samplers, VAE decode "
@@ -240,6 +240,11 @@ def main(argv=None):
         "--out", default="bench/results/sampling.json", help="where to write the JSON"
     )
     add_vae_args(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = requested_device(parser, args.device)

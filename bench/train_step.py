@@ -214,7 +214,7 @@ def mode_settings(args, device) -> dict:
     }
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.train_step",
         description="Images/s, peak memory and MFU of one training step: the original DiT "
@@ -251,6 +251,11 @@ def main(argv=None):
         "--out", default="bench/results/train_step.json", help="where to write the JSON"
     )
     add_vae_args(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = requested_device(parser, args.device)

@@ -124,7 +124,10 @@ class GaussianDiffusion:
         betas = 1.0 - kept_alphas_cumprod / np.append(1.0, kept_alphas_cumprod[:-1])
         self.betas = betas
         self.num_timesteps = len(betas)
+        self._set_coefficients(betas)
 
+    def _set_coefficients(self, betas):
+        """ᾱ and the q / posterior coefficients of `betas`, as ADM precomputes them."""
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])

@@ -16,6 +16,7 @@ Step counts (model evaluations, NFE):
   trajectory has num_steps states. Drift and score come from one model call (SiT made two).
 """
 
+import functools
 import math
 
 import torch
@@ -189,56 +190,66 @@ class Sampler:
             raise ValueError("num_steps counts grid points including the last step; need >= 2")
         if last_step is None:
             last_step_size = 0.0
-        tr, path = self.transport, self.transport.path_sampler
+        tr = self.transport
         t0, t1 = tr.interval(
             tr.sample_eps, sde=True, diffusion_form=form, last_step_size=last_step_size
         )
         ts = torch.linspace(t0, t1, num_steps, dtype=torch.float64)
+        plan = {"method": method, "form": form, "norm": diffusion_norm, "ts": ts}
+        plan.update(last_step=last_step, last_step_size=last_step_size, generator=generator)
+        return functools.partial(
+            self._integrate_sde, plan=plan, progress=progress, trajectory=trajectory
+        )
+
+    def _integrate_sde(self, x, model, *, plan, progress, trajectory, **model_kwargs):
+        """sample_sde's integration from the noise x, with the settings it checked."""
+        tr, path = self.transport, self.transport.path_sampler
+        method, form, norm, ts = plan["method"], plan["form"], plan["norm"], plan["ts"]
+        last_step, generator = plan["last_step"], plan["generator"]
         dt = float(ts[1] - ts[0])
+        num_steps = len(ts)
+        per_step = 1 if method == "euler" else 2
+        total = (num_steps - 1) * per_step + (last_step is not None)
+        counted = _Counted(model, progress, total)
 
-        def _sample(x, model, **model_kwargs):
-            per_step = 1 if method == "euler" else 2
-            total = (num_steps - 1) * per_step + (last_step is not None)
-            counted = _Counted(model, progress, total)
+        def fields(y, t):
+            """Velocity, score and diffusion w at (y, t) from a single model call."""
+            t = self._times(y, t)
+            out = tr.predict(counted, y, t, model_kwargs)
+            w = path.compute_diffusion(y, t, form=form, norm=norm)
+            return tr.to(out, y, t, "velocity"), tr.to(out, y, t, "score"), w
 
-            def fields(y, t):
-                """Velocity, score and diffusion w at (y, t) from a single model call."""
-                t = self._times(y, t)
-                out = tr.predict(counted, y, t, model_kwargs)
-                w = path.compute_diffusion(y, t, form=form, norm=diffusion_norm)
-                return tr.to(out, y, t, "velocity"), tr.to(out, y, t, "score"), w
+        def drift(y, t):
+            v, s, w = fields(y, t)
+            return v + w * s
 
-            def drift(y, t):
-                v, s, w = fields(y, t)
-                return v + w * s
+        def noise(y):
+            return _randn(y, generator) * math.sqrt(dt)
 
-            def noise(y):
-                return _randn(y, generator) * math.sqrt(dt)
+        def heun(x, t):
+            """SiT's stochastic Heun: inject noise, then a Heun drift step."""
+            w = path.compute_diffusion(x, self._times(x, t), form=form, norm=norm)
+            x = x + torch.sqrt(2 * w) * noise(x)
+            k1 = drift(x, t)
+            return x + 0.5 * dt * (k1 + drift(x + dt * k1, t + dt))
 
-            xs = []
-            try:
-                with torch.no_grad():
-                    for t in ts[:-1].tolist():
-                        if method == "euler":
-                            v, s, w = fields(x, t)
-                            x = x + (v + w * s) * dt + torch.sqrt(2 * w) * noise(x)
-                        else:
-                            # SiT's stochastic Heun: inject noise, then a Heun drift step.
-                            tt = self._times(x, t)
-                            w = path.compute_diffusion(x, tt, form=form, norm=diffusion_norm)
-                            x = x + torch.sqrt(2 * w) * noise(x)
-                            k1 = drift(x, t)
-                            k2 = drift(x + dt * k1, t + dt)
-                            x = x + 0.5 * dt * (k1 + k2)
-                        if trajectory:
-                            xs.append(x)
-                    x = self._last_step(x, t1, last_step, last_step_size, fields)
-            finally:
-                counted.close()
-                self.last_nfe = counted.calls
-            return [*xs, x] if trajectory else [x]
+        def euler(x, t):
+            v, s, w = fields(x, t)
+            return x + (v + w * s) * dt + torch.sqrt(2 * w) * noise(x)
 
-        return _sample
+        step = euler if method == "euler" else heun
+        xs = []
+        try:
+            with torch.no_grad():
+                for t in ts[:-1].tolist():
+                    x = step(x, t)
+                    if trajectory:
+                        xs.append(x)
+                x = self._last_step(x, float(ts[-1]), last_step, plan["last_step_size"], fields)
+        finally:
+            counted.close()
+            self.last_nfe = counted.calls
+        return [*xs, x] if trajectory else [x]
 
     def _last_step(self, x, t, last_step, size, fields):
         """Final jump from t = 1 - size to the data (noise-free)."""
