@@ -67,12 +67,16 @@ def check_writable(path, flag: str, is_dir: bool = True) -> None:
 LEFTOVER = re.compile(r"^(\..+\.[0-9a-f]{12}\.tmp|\.tmp-.+)$")
 
 
-def sweep_leftovers(folder) -> list[str]:
-    """Remove the temporary files that killed atomic_writes left in `folder`; returns their
-    names. Call it where no other process is writing into `folder` at the time."""
+def sweep_leftovers(folder, prefix: str = "") -> list[str]:
+    """Remove the temporary files that killed atomic_writes of files named `prefix`... left in
+    `folder`; returns their names. Call it where no other process writes such files."""
     if not os.path.isdir(folder):
         return []
-    removed = sorted(name for name in os.listdir(folder) if LEFTOVER.match(name))
+    removed = sorted(
+        name
+        for name in os.listdir(folder)
+        if LEFTOVER.match(name) and (name.startswith("." + prefix) or not prefix)
+    )
     for name in removed:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_write
+from common import atomic_write, sweep_leftovers
 
 from .errors import DataError
 
@@ -89,6 +89,7 @@ def build_latent_cache(
         "shard_size": shard_size,
     }
     _check_meta(out_dir, meta)
+    sweep_leftovers(out_dir, prefix=f"shard-{rank:03d}-of-")  # each rank its own files
     if rank == 0:
         with atomic_write(os.path.join(out_dir, META), "w") as f:
             json.dump(meta, f)

@@ -231,7 +231,15 @@ def test_two_ranks_write_disjoint_shards_merged_in_index_order(tmp_path):
     rank0 = set(os.listdir(out)) - {"meta.json"}
     with pytest.raises(DataError, match="incomplete: 5 of 11 images missing"):
         LatentCacheDataset(out)  # rank 0 holds the even indices only
+    mine, theirs = (
+        ".shard-001-of-002-00000.npy.0123456789ab.tmp",
+        ".shard-000-of-002-00001.npy.ba9876543210.tmp",
+    )
+    for leftover in (mine, theirs):  # a killed write of each rank's
+        (tmp_path / leftover).write_bytes(b"half")
     build_latent_cache(ds, PixelCodec(), out, rank=1, world_size=2, batch_size=2, progress=False)
+    assert not (tmp_path / mine).exists() and (tmp_path / theirs).exists()  # its own only
+    (tmp_path / theirs).unlink()
     rank1 = set(os.listdir(out)) - {"meta.json"} - rank0
     assert rank0 and rank1 and all("-000-of-002-" in f for f in rank0)
     assert all("-001-of-002-" in f for f in rank1)
