@@ -34,6 +34,8 @@ def resolve_device(spec: str | torch.device | None) -> torch.device:
         raise UsageError(f"bad --device {spec!r}: {one_line(err)}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {spec}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPUs")
     return device
 
 

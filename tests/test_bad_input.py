@@ -76,7 +76,7 @@ def catalogue(root):
         ["--save-each", str(root / "file")], ["--class-labels", "99"],
         ["--ckpt", str(root / "missing.pt")], ["--ckpt", str(root / "file")],
         ["--sampler", "ode"], ["--cfg-channels", "9"], ["--model", "DiT-B/4"],
-        ["--attention", "vca"], ["--device", "cuda"], ["--sampler", "nope"],
+        ["--attention", "vca"], ["--device", "cuda:99"], ["--sampler", "nope"],
     ]  # fmt: skip
     cases += [("sample", base + extra) for extra in bad_sample]
     draw = ["--ckpt", ckpt, "--num-samples", "4", "--num-sampling-steps", "2"]
