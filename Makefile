@@ -26,7 +26,7 @@ DEMO_ATTENTION ?= vca
 DEMO_STEPS ?= 700
 DEMO_DIR ?= results/demo-$(subst /,-,$(DEMO_MODEL))-$(DEMO_ATTENTION)
 DEMO_CKPT = $(DEMO_DIR)/checkpoints/$(shell printf '%07d' $(DEMO_STEPS)).pt
-DEMO_SAMPLER = $(if $(findstring SiT,$(DEMO_MODEL)),--sampler ode --ode-method heun --num-sampling-steps 12,--sampler ddim --num-sampling-steps 50)
+DEMO_SAMPLER = $(if $(findstring SiT,$(DEMO_MODEL)),--sampler ode --ode-method heun --num-sampling-steps 13,--sampler ddim --num-sampling-steps 50)
 
 demo: $(STAMP)
 	$(PY) train.py --data-path synthetic:20000 --image-size 32 --vae none \

@@ -73,8 +73,9 @@ def add_sampler_args(parser: argparse.ArgumentParser, cfg_scale: float | None = 
         "--num-sampling-steps",
         type=int,
         default=None,
-        help="sampling steps (default: ddpm 250, ddim 50, ode 50, sde 250); for "
-        "fixed-step ODE methods the model is called steps x stages times",
+        help="sampling steps (default: ddpm 250, ddim 50, ode 50, sde 250); ode and sde count "
+        "time points as SiT does, so a fixed-step ODE method calls the model (steps - 1) x "
+        "stages times",
     )
     group.add_argument("--ddim-eta", type=float, default=d["ddim_eta"], help="DDIM eta (default 0)")
     group.add_argument(
@@ -155,9 +156,8 @@ def make_sampler(
             f"use one of {', '.join(METHODS[family])}"
         )
     steps = DEFAULT_STEPS[method] if steps is None else steps
-    fewest = 1 if method == "ode" else 2  # the others count both ends of their time grid
-    if steps < fewest:
-        raise UsageError(f"--num-sampling-steps must be at least {fewest} for {method}")
+    if steps < 2:  # every method counts both ends of its time grid
+        raise UsageError(f"--num-sampling-steps must be at least 2 for {method}")
     if method == "ode" and o["ode_method"] not in transport.ODE_METHODS:
         raise UsageError(
             f"unknown ODE sampling_method {o['ode_method']!r}; choose from {transport.ODE_METHODS}"

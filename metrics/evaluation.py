@@ -15,13 +15,14 @@ from .reference import Reference, load_reference, progress_bar
 from .stats import FeatureAccumulator, frechet_distance, inception_score
 
 
-def evaluate(batches, reference, extractor, progress=True, batch_size=100):
+def evaluate(batches, reference, extractor, progress=True, batch_size=100, pr_distances="float16"):
     """Evaluate uint8 NHWC sample batches (any iterable; consumed once, streaming).
 
     `reference` is a `Reference` or a path to one; `extractor` an `InceptionFeatures`. Returns
     `fid`, `sfid` (None without mu_s/sigma_s), `inception_score` (sequential splits of 5,000),
-    `precision`, `recall` (k=3; None when the reference has no arr_0 images) and `num_samples`.
-    The reference images are streamed through the extractor in batches of `batch_size`.
+    `precision`, `recall` (k=3; None when the reference has no arr_0 images), `pr_distances`
+    (float16 as ADM's evaluator, or float32; see metrics.manifold) and `num_samples`. The
+    reference images are streamed through the extractor in batches of `batch_size`.
     """
     if not isinstance(reference, Reference):
         reference = load_reference(reference)
@@ -36,6 +37,7 @@ def evaluate(batches, reference, extractor, progress=True, batch_size=100):
         "inception_score": inception_score(samples.probs),
         "precision": None,
         "recall": None,
+        "pr_distances": pr_distances,
     }
     if reference.mu_s is not None:
         result["sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s)
@@ -46,7 +48,7 @@ def evaluate(batches, reference, extractor, progress=True, batch_size=100):
         )
         ref_pool = np.concatenate([extractor(b)["pool"].astype(np.float32) for b in ref_batches])
         result["precision"], result["recall"] = precision_recall(
-            ref_pool, samples.pool, device=extractor.device
+            ref_pool, samples.pool, device=extractor.device, distances=pr_distances
         )
     return result
 
@@ -57,6 +59,7 @@ METRIC_NAMES = {
     "inception_score": "Inception Score",
     "precision": "Precision",
     "recall": "Recall",
+    "pr_distances": "precision/recall distances",
     "class_accuracy": "class accuracy (demo classifier)",
     "real_accuracy": "class accuracy of real images",
     "frechet_distance": "Frechet distance (demo classifier features)",
@@ -74,6 +77,7 @@ def evaluate_file(
     device="cpu",
     batch_size=100,
     progress=False,
+    pr_distances="float16",
 ) -> dict:
     """The metrics of a samples .npz (arr_0: uint8 N x H x W x 3) against `ref`: an ADM
     reference .npz, or "synthetic" for models of the built-in shapes, scored by the demo
@@ -93,7 +97,7 @@ def evaluate_file(
     reference = load_reference(ref)
     extractor = InceptionFeatures(inception_weights, device=device)
     batches = iter_npz_array(samples_path, batch_size=batch_size)
-    return evaluate(batches, reference, extractor, progress=progress)
+    return evaluate(batches, reference, extractor, progress=progress, pr_distances=pr_distances)
 
 
 def write_report(report: dict, json_path) -> str:

@@ -277,11 +277,55 @@ def test_precision_recall_matches_brute_force_knn(k):
     rng = np.random.default_rng(6)
     ref = rng.normal(size=(57, 16)).astype(np.float32)
     sample = (0.7 + 1.3 * rng.normal(size=(75, 16))).astype(np.float32)
-    precision, recall = precision_recall(ref, sample, k=k, batch_size=16)
+    precision, recall = precision_recall(ref, sample, k=k, batch_size=16, distances="float32")
     expected = brute_force_pr(ref, sample, k)
     assert (precision, recall) == pytest.approx(expected, abs=1e-12)
     assert 0 < precision < 1 and 0 < recall < 1
-    assert precision_recall(ref, ref, k=k, batch_size=10) == (1.0, 1.0)
+    assert precision_recall(ref, ref, k=k, batch_size=10, distances="float32") == (1.0, 1.0)
+
+
+def adm_distance_block(u, v):
+    """ADM's DistanceBlock (guided-diffusion evaluations/evaluator.py) transcribed to numpy:
+    the TF graph on float16 casts, each op's result in float16 (numpy's float16 arithmetic),
+    the matmul accumulated in float32 as TF's GPU kernel does, the float32 graph as fallback."""
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    norm_u = np.square(u16).astype(np.float32).sum(1).astype(np.float16).reshape(-1, 1)
+    norm_v = np.square(v16).astype(np.float32).sum(1).astype(np.float16).reshape(1, -1)
+    matmul = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+    d = np.maximum(norm_u - np.float16(2) * matmul + norm_v, np.float16(0))
+    if not np.isfinite(d).all():
+        d = np.maximum((u * u).sum(1)[:, None] - 2 * u @ v.T + (v * v).sum(1)[None], 0)
+    return d.astype(np.float32)
+
+
+def adm_precision_recall(ref, sample, k=3):
+    """ADM's ManifoldEstimator.manifold_radii (the k-th entry of each partitioned distance row,
+    the row's own zero included) and evaluate_pr, in one block each."""
+    radii_ref = np.partition(adm_distance_block(ref, ref), k, axis=1)[:, k]
+    radii_sample = np.partition(adm_distance_block(sample, sample), k, axis=1)[:, k]
+    d = adm_distance_block(ref, sample)
+    ref_inside = (d <= radii_sample[None, :]).any(axis=1)
+    sample_inside = (d <= radii_ref[:, None]).any(axis=0)
+    return sample_inside.mean(), ref_inside.mean()
+
+
+def inception_like(rng, n):
+    """Non-negative 2048-d features of Inception pool_3's scale (post-ReLU averages)."""
+    return (np.abs(rng.normal(0.3, 0.35, size=(n, 2048))) * rng.gamma(2, 0.5, (n, 1))).astype(
+        np.float32
+    )
+
+
+def test_precision_recall_matches_adm_evaluators_float16_distances():
+    """The default equals ADM's evaluator on the same activations; the exact float32 variant
+    differs from it by more than the tolerance, so the test tells the two apart."""
+    rng = np.random.default_rng(7)
+    ref, sample = inception_like(rng, 1500), inception_like(rng, 2000) * 1.05
+    adm = np.array(adm_precision_recall(ref, sample))
+    ours = np.array(precision_recall(ref, sample, batch_size=600))
+    exact = np.array(precision_recall(ref, sample, batch_size=600, distances="float32"))
+    assert np.abs(ours - adm).max() <= 1e-3, (ours, adm)
+    assert np.abs(exact - adm).max() > 2e-3, (exact, adm)
 
 
 # ---------------------------------------------------------------- reference files and evaluate
@@ -321,7 +365,7 @@ def test_reference_round_trip_and_evaluate_match_direct_computation(extractor, i
     np.testing.assert_allclose(ref_pool, ref_f["pool"][:KEEP], rtol=1e-4, atol=1e-5)
     fid = low_rank_fid(sample_f["pool"], ref_f["pool"])
     sfid = low_rank_fid(sample_f["spatial"], ref_f["spatial"])
-    precision, recall = brute_force_pr(ref_pool, sample_f["pool"], k=3)
+    precision, recall = adm_precision_recall(ref_pool, sample_f["pool"], k=3)
     expected_is = brute_force_is(softmax(sample_f["logits"], axis=1), 5000)
     assert result == {
         "num_samples": N_SAMPLES,
@@ -330,6 +374,7 @@ def test_reference_round_trip_and_evaluate_match_direct_computation(extractor, i
         "inception_score": pytest.approx(expected_is, rel=1e-6),
         "precision": pytest.approx(precision, abs=1e-12),
         "recall": pytest.approx(recall, abs=1e-12),
+        "pr_distances": "float16",
     }
     assert fid > 1 and sfid > 1 and expected_is > 1.2  # the features really differ
 

@@ -332,8 +332,8 @@ class Counter:
 @pytest.mark.parametrize(
     "method,opts,calls",
     [
-        ("euler", {"num_steps": 7}, 7),
-        ("heun", {"num_steps": 5}, 10),
+        ("euler", {"num_steps": 7}, 6),  # SiT's grid: 7 points, 6 steps
+        ("heun", {"num_steps": 5}, 8),
         ("midpoint", {"nfe": 12}, 12),
         ("rk4", {"nfe": 8}, 8),
         ("heun", {"nfe": 50}, 50),
@@ -349,6 +349,31 @@ def test_fixed_step_ode_calls_model_exactly(method, opts, calls):
     model.calls = 0
     x = tr.sample(model, noise(8), sampling_method=method, **opts)
     assert model.calls == calls == tr.last_nfe and x.shape == (8, 2)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_fixed_step_ode_steps_on_sits_grid(method):
+    """sample_ode(num_steps=K) integrates on SiT's linspace(t0, t1, K): K - 1 steps, checked
+    against Euler and Heun written out by hand on that grid."""
+    tr = create_transport("Linear", "velocity", sample_eps=0.05)
+    field = gaussian_field("Linear", "velocity")
+    x = noise(8)
+    grid = torch.linspace(0.05, 0.95, 9).tolist()  # SiT: th.linspace(t0, t1, num_steps)
+
+    def v(y, t):
+        return field(y, torch.full((len(y),), t, dtype=y.dtype))
+
+    expected = x.clone()
+    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+        h = t_next - t
+        k1 = v(expected, t)
+        if method == "euler":
+            expected = expected + h * k1
+        else:
+            expected = expected + h / 2 * (k1 + v(expected + h * k1, t_next))
+    got = Sampler(tr).sample_ode(sampling_method=method, num_steps=9)(x, field)
+    assert len(got) == 9
+    torch.testing.assert_close(got[-1], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_adaptive_ode_and_sde_report_nfe():

@@ -5,12 +5,13 @@ functions return the trajectory (take [-1] for the sample), as SiT's do. After e
 `Sampler.last_nfe` holds how many times the model was evaluated.
 
 Step counts (model evaluations, NFE):
-- ODE, fixed-step method: `num_steps` steps of size (t1 - t0) / num_steps, so
-  NFE = num_steps * evals per step (euler 1, heun 2, midpoint 2, rk4 4). Pass `nfe` instead
-  to fix the budget directly (it must be a multiple of evals per step). The trajectory has
-  num_steps + 1 states. (SiT took num_steps - 1 steps.)
-- ODE, adaptive method (dopri5 ...): the solver picks its steps; `num_steps` + 1 is only the
-  number of returned states.
+- ODE, fixed-step method: SiT's grid, linspace(t0, t1, num_steps): num_steps points, so
+  num_steps - 1 steps and NFE = (num_steps - 1) * evals per step (euler 1, heun 2, midpoint 2,
+  rk4 4); the trajectory has num_steps states. Pass `nfe` instead to fix the budget: nfe /
+  evals-per-step steps on a uniform grid (nfe must be a multiple of evals per step).
+- ODE, adaptive method (dopri5 ...): the solver picks its steps; `num_steps` is only the number
+  of returned states. Only on the VP path, undefined past t = 1, is the solver made to land
+  on the end point (`step_t`); SiT never does, and elsewhere neither do we.
 - SDE: as in SiT, num_steps - 1 stochastic steps on [t0, 1 - last_step_size], then the last
   step, so NFE = (num_steps - 1) * (1 Euler, 2 Heun) + (1 unless last_step is None); the
   trajectory has num_steps states. Drift and score come from one model call (SiT made two).
@@ -87,20 +88,22 @@ def _choice(value, options, what):
 
 
 def _ode_plan(sampling_method, num_steps, nfe):
-    """(torchdiffeq method, number of steps, evaluations per step or None if adaptive)."""
+    """(torchdiffeq method, number of time points, evaluations per step or None if
+    adaptive): SiT's num_steps points, or nfe / evals-per-step steps (one point more)."""
     method = _choice(sampling_method, (*FIXED_ODE, *ADAPTIVE_ODE), "ODE sampling_method")
     if method in ADAPTIVE_ODE:
         if nfe is not None:
             raise ValueError(f"nfe cannot be fixed with the adaptive method {method!r}")
-        return method, num_steps, None
-    name, per_step = FIXED_ODE[method]
-    if nfe is not None:
-        if nfe <= 0 or nfe % per_step:
-            raise ValueError(f"nfe={nfe} is not a positive multiple of {per_step} for {method!r}")
-        num_steps = nfe // per_step
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    return name, num_steps, per_step
+        per_step = None
+    else:
+        method, per_step = FIXED_ODE[method]
+        if nfe is not None:
+            if nfe <= 0 or nfe % per_step:
+                raise ValueError(f"nfe={nfe} is not a positive multiple of {per_step}")
+            num_steps = nfe // per_step + 1
+    if num_steps < 2:
+        raise ValueError(f"num_steps counts time points, the two ends included; got {num_steps}")
+    return method, num_steps, per_step
 
 
 class Sampler:
@@ -115,23 +118,20 @@ class Sampler:
         """Solver time (tensor or float) -> the (B,) float tensor the model takes."""
         return torch.as_tensor(t, dtype=x.dtype, device=x.device).repeat(x.shape[0])
 
-    def _odeint(self, f, state, t0, t1, method, num_steps, atol, rtol, trajectory):
+    def _odeint(self, f, state, t0, t1, method, points, atol, rtol, trajectory):
+        """odeint on SiT's time grid, linspace(t0, t1, points) in the default float32 then
+        moved to the state's device and dtype; fixed-step methods step on it even when only
+        the end points are returned."""
         y = state[0] if isinstance(state, tuple) else state
-        times = torch.linspace(t0, t1, num_steps + 1, dtype=torch.float64)
-        times = (times if trajectory else times[[0, -1]]).to(y.device, y.dtype)
-        if method in ADAPTIVE_ODE:
+        grid = torch.linspace(t0, t1, points).to(y.device, y.dtype)
+        times = grid if trajectory else grid[[0, -1]]
+        options = {}
+        if method not in ADAPTIVE_ODE:
+            options = {"grid_constructor": lambda _f, _y, _t: grid}
+        elif self.transport.path_type == "VP":
             # Adaptive steps may overshoot the last time and interpolate back; the VP path is
-            # undefined past t = 1, so make the solver land on the end point instead.
+            # undefined past t = 1, so the solver lands on the end point there.
             options = {"step_t": times[-1:]}
-        else:
-            # Step on the uniform grid whatever the output times.
-            def grid(_f, _y, t):
-                g = torch.linspace(t[0].item(), t[-1].item(), num_steps + 1, dtype=t.dtype)
-                g = g.to(t.device)
-                g[0], g[-1] = t[0], t[-1]
-                return g
-
-            options = {"grid_constructor": grid}
         return odeint(f, state, times, method=method, atol=atol, rtol=rtol, options=options)
 
     def sample_ode(
@@ -154,7 +154,7 @@ class Sampler:
             t0, t1 = t1, t0
 
         def _sample(x, model, **model_kwargs):
-            counted = _Counted(model, progress, per_step and per_step * num_steps)
+            counted = _Counted(model, progress, per_step and per_step * (num_steps - 1))
 
             def f(t, y):
                 t = self._times(y, t)
@@ -291,7 +291,7 @@ class Sampler:
         t_data, t_noise = reversed(tr.interval(tr.sample_eps))
 
         def _sample(x, model, **model_kwargs):
-            counted = _Counted(model, progress, per_step and per_step * num_steps)
+            counted = _Counted(model, progress, per_step and per_step * (num_steps - 1))
             eps = None
             if trace == "hutchinson":
                 eps = _randn(x, generator)
