@@ -571,3 +571,49 @@ def test_front_door_contract(capsys):
 
     assert torch.equal(draw_both(3), draw_both(3))
     assert not torch.equal(draw_both(3), draw_both(4))
+
+
+def adm_loop(x, noises, respacing, method, eta=0.0):
+    """ADM's p_sample_loop / ddim_sample_loop (guided-diffusion gaussian_diffusion.py) written
+    out in float64 numpy from its formulas, on the respaced schedule, with the toy network
+    (eps prediction, learned range) and the given per-step noises, no clipping (DiT's call)."""
+    keep, abar, abar_prev = kept_schedule(respacing)
+    beta = 1 - abar / abar_prev
+    post_var = beta * (1 - abar_prev) / (1 - abar)
+    post_log_clipped = np.log(np.append(post_var[1], post_var[1:]))
+    for i in reversed(range(len(keep))):
+        out = toy_output(x, np.full(len(x), float(keep[i])), x.shape[1], True, False)
+        eps, v = out[:, : x.shape[1]], out[:, x.shape[1] :]
+        x0 = np.sqrt(1 / abar[i]) * x - np.sqrt(1 / abar[i] - 1) * eps
+        noise = noises[len(keep) - 1 - i]
+        if method == "ddpm":
+            coef1 = beta[i] * np.sqrt(abar_prev[i]) / (1 - abar[i])
+            coef2 = (1 - abar_prev[i]) * np.sqrt(1 - beta[i]) / (1 - abar[i])
+            frac = (v + 1) / 2
+            log_var = frac * np.log(beta[i]) + (1 - frac) * post_log_clipped[i]
+            x = coef1 * x0 + coef2 * x + (i > 0) * np.exp(0.5 * log_var) * noise
+        else:
+            eps = (np.sqrt(1 / abar[i]) * x - x0) / np.sqrt(1 / abar[i] - 1)
+            sigma = eta * np.sqrt((1 - abar_prev[i]) / (1 - abar[i]) * (1 - abar[i] / abar_prev[i]))
+            mean = x0 * np.sqrt(abar_prev[i]) + np.sqrt(1 - abar_prev[i] - sigma**2) * eps
+            x = mean + (i > 0) * sigma * noise
+    return x
+
+
+@pytest.mark.parametrize(
+    "respacing, method, eta", [("10", "ddpm", 0.0), ("ddim8", "ddim", 0.0), ("ddim8", "ddim", 0.7)]
+)
+def test_respaced_ddpm_and_ddim_loops_match_adms_formulas(respacing, method, eta):
+    """The whole loop, every step: our samplers against ADM's update rules transcribed, with
+    the same noise (drawn from the same generator in the same order)."""
+    d = create_diffusion(respacing)
+    x_T = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def model(x, t):
+        return toy_output(x, t.double(), 2, True, False)
+
+    got = d.sample(model, x_T, method=method, eta=eta, generator=torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    noises = [to_np(torch.randn(x_T.shape, generator=replay, dtype=x_T.dtype)) for _ in range(10)]
+    expected = adm_loop(to_np(x_T), noises, respacing, method, eta)
+    np.testing.assert_allclose(to_np(got), expected, rtol=1e-9, atol=1e-9)
