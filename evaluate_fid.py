@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--json", default=None, help="where to write the results (default: beside the samples)"
     )
+    g.add_argument(
+        "--tensorboard-dir",
+        metavar="DIR",
+        default=None,
+        help="also write the metrics as TensorBoard scalars (eval/fid, ...) at the checkpoint's "
+        "training step, e.g. into the run folder to plot FID against steps",
+    )
     g = parser.add_argument_group("reference statistics")
     g.add_argument(
         "--make-ref",
@@ -97,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def score(args, samples_path: str, settings: dict) -> None:
-    """Metrics of the samples, printed as a table and written beside them as JSON."""
+def score(args, samples_path: str, settings: dict, step: int | None = None) -> None:
+    """Metrics of the samples, printed as a table and written beside them as JSON (and as
+    TensorBoard scalars at `step` with --tensorboard-dir)."""
     result = evaluate_file(
         samples_path,
         args.ref,
@@ -114,6 +122,14 @@ def score(args, samples_path: str, settings: dict) -> None:
     json_path = args.json or os.path.splitext(samples_path)[0] + "-metrics.json"
     print(write_report(report, json_path))
     print(f"results: {json_path}")
+    if args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(args.tensorboard_dir) as writer:
+            for key, value in result.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"eval/{key}", value, step or 0)
+        print(f"TensorBoard scalars: {args.tensorboard_dir} (step {step or 0})")
 
 
 def make_reference(args) -> None:
@@ -157,6 +173,8 @@ def check_inputs(args) -> None:
         load_reference(args.ref)  # its statistics are read and checked now, not after sampling
     if args.json:
         check_writable(args.json, "--json", is_dir=False)
+    if args.tensorboard_dir:
+        check_writable(args.tensorboard_dir, "--tensorboard-dir")
 
 
 def main(argv=None) -> int:
@@ -177,7 +195,7 @@ def main(argv=None) -> int:
         sample_set = SampleSetConfig.from_args(args)
         samples_path, settings = draw_sample_set(loaded, spec, sample_set, info)
         if args.ref and info.is_main:
-            score(args, samples_path, settings)
+            score(args, samples_path, settings, loaded.step)
         dist.cleanup()
     except InputError as err:
         return report(err)

@@ -183,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="guidance scale of the preview (default 1: none)",
     )
+    g.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write TensorBoard event files into the run folder: scalars, preview grids and the "
+        "config (default on; `tensorboard --logdir results` shows every run)",
+    )
+    g.add_argument(
+        "--wandb",
+        metavar="PROJECT",
+        default=None,
+        help="also log to this Weights & Biases project (needs `pip install wandb`; "
+        "WANDB_MODE=offline works without network)",
+    )
     add_sampler_args(parser, cfg_scale=None)
     return parser
 

@@ -12,11 +12,8 @@ import glob
 import json
 import os
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from common.cli import ArgumentParser
-from engine.images import save_png
+from common.plots import ratio_bars
 
 from . import compile_time, sampling, train_step
 
@@ -65,7 +62,8 @@ def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
     for row in payload["rows"]:
         if name == "attention":
             for kind, value in row["speedup_vs_" + next(iter(row["ms"]))].items():
-                bars.append((f"attn {row['width']} N={row['tokens']} {row['pass']} {kind}", value))
+                where = f"{row.get('part', 'layer')} {row['width']} N={row['tokens']} {row['pass']}"
+                bars.append((f"{where} {kind}", value))
             continue
         if row["mode"] != "fast":
             continue
@@ -75,31 +73,6 @@ def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
         if row.get("speed_vs_first_attention", 1.0) != 1.0:
             bars.append((f"{label} vs {first} (fast)", row["speed_vs_first_attention"]))
     return bars
-
-
-def bar_chart(bars: list[tuple[str, float]], path: str, title: str) -> None:
-    """Horizontal bars on a log2 axis, a line at 1x (no change); Pillow only."""
-    row_h, left, right, top = 22, 330, 80, 40
-    width, height = left + 420 + right, top + row_h * len(bars) + 40
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 10), title, fill="black")
-    span = max([1.0] + [abs(np.log2(v)) for _, v in bars])
-    scale = 200 / span  # pixels per doubling
-    origin = left + 210
-    for i, (label, value) in enumerate(bars):
-        y = top + i * row_h
-        end = origin + scale * np.log2(value)
-        colour = (44, 160, 44) if value >= 1 else (214, 39, 40)
-        draw.rectangle([min(origin, end), y + 4, max(origin, end), y + row_h - 4], fill=colour)
-        draw.text((10, y + 5), label, fill="black")
-        draw.text((left + 430, y + 5), f"{value:.2f}x", fill="black")
-    bottom = top + row_h * len(bars)
-    draw.line([origin, top - 4, origin, bottom + 4], fill="black")
-    draw.text((origin - 8, bottom + 8), "1x", fill="black")
-    draw.text((origin + scale - 8, bottom + 8), "2x", fill="black")
-    draw.text((origin - scale - 12, bottom + 8), "0.5x", fill="black")
-    save_png(np.asarray(image), path)
 
 
 def main(argv=None):
@@ -139,7 +112,7 @@ def main(argv=None):
     if not files:
         parser.exit(2, f"error: no benchmark JSON in {args.dir}; run the benchmarks first\n")
     chart = os.path.join(args.dir, "speedups.png")
-    bar_chart(bars, chart, "speed ratio (log scale): fast vs reference, VCA vs MHSA")
+    ratio_bars(bars, chart, "speed ratio (log scale): fast vs reference, VCA vs MHSA")
     with open(os.path.join(args.dir, "README.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {os.path.join(args.dir, 'README.md')} and {chart}")

@@ -69,6 +69,7 @@ class LoadedModel:
     precision: str  # --precision resolved for the device: fp32, tf32, bf16 or fp16
     path: str
     weights: str  # "ema", "model" or "weights" (a file with one set)
+    step: int | None = None  # the training step of one of our checkpoints
 
     @property
     def family(self) -> str:
@@ -199,7 +200,7 @@ def read_weights(path: str, which: str) -> tuple[dict, dict, str]:
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     if isinstance(ckpt.get(which), dict):  # a training checkpoint (ours, or DiT/SiT train.py's)
-        return ckpt[which], stored_config(ckpt), which
+        return ckpt[which], {**stored_config(ckpt), "step": ckpt.get("step")}, which
     if "model" in ckpt or "ema" in ckpt:
         other = "model" if which == "ema" else "ema"
         raise UsageError(f"{path} has no {which!r} weights; pass --weights {other}")
@@ -344,4 +345,5 @@ def load_model(request: CheckpointRequest, device=None) -> LoadedModel:
         precision=resolve_precision(request.precision, device),
         path=path,
         weights=weights,
+        step=saved.get("step") if isinstance(saved.get("step"), int) else None,
     )

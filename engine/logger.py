@@ -1,24 +1,82 @@
-"""Rank-0 run log: console and log.txt lines, metrics.jsonl records, and a loss-curve PNG."""
+"""Rank 0's record of a run: console and log.txt lines, metrics.jsonl records, the loss.png
+figure, and TensorBoard event files (Weights & Biases too, when asked and installed) in the
+run folder."""
 
+import importlib.util
 import json
+import math
 import os
 import time
 
 from common import atomic_write
+from common.plots import loss_curve
 
-from .images import plot_curve
+from .errors import UsageError
+
+FIGURE_EVERY_S = 60.0
+# metrics.jsonl keys that go to the dashboards as scalars, under "train/".
+SCALARS = ("loss", "lr", "grad_norm", "steps_per_s", "images_per_s", "peak_mem_gb")
+
+
+def check_wandb(project: str | None) -> None:
+    """--wandb needs the optional wandb package; a UsageError before the run starts."""
+    if project and importlib.util.find_spec("wandb") is None:
+        raise UsageError(f"--wandb {project} needs the wandb package: pip install wandb")
 
 
 class RunLogger:
-    def __init__(self, folder: str, enabled: bool = True):
+    def __init__(
+        self, folder: str, enabled: bool = True, tensorboard: bool = False, wandb: str | None = None
+    ):
         self.folder = folder
         self.enabled = enabled
+        self.tensorboard, self.wandb_project = tensorboard, wandb
+        self.writer = self.wandb = None
+        self.last_figure = -math.inf
         self.loss_steps: list[int] = []
         self.losses: list[float] = []
         if enabled:
             os.makedirs(folder, exist_ok=True)
             self.metrics_path = os.path.join(folder, "metrics.jsonl")
             self._read_previous_losses()
+
+    def start(self, step: int, config: dict):
+        """Open the dashboards at `step`, the resumed step or 0. TensorBoard hides whatever a
+        killed run logged past it (purge_step), so a curve continues without duplicates; the
+        run's config is written once, as text, when the run starts fresh."""
+        if not self.enabled:
+            return
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.folder, purge_step=step + 1 if step else None)
+            if not step:
+                self.writer.add_text("config", f"```\n{json.dumps(config, indent=1)}\n```", 0)
+        if self.wandb_project:
+            import wandb
+
+            run_id = "".join(c if c.isalnum() else "-" for c in os.path.abspath(self.folder))[-64:]
+            self.wandb = wandb.init(
+                project=self.wandb_project, dir=self.folder, config=config, id=run_id,
+                resume="allow",
+            )  # fmt: skip
+
+    def image(self, tag: str, image, step: int):
+        """An (H, W, 3) uint8 image, e.g. a preview grid, to the dashboards."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image)}, step=step)
+
+    def close(self):
+        self.draw_loss()
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
     def _read_previous_losses(self):
         """A resumed run keeps drawing the curve from the start."""
@@ -62,6 +120,13 @@ class RunLogger:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {f"train/{key}": record[key] for key in SCALARS if key in record}
+        if self.writer is not None:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, record["step"])
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
         if "loss" in record:
             # Drop records a resume rewinds past, so the curve has one value per step.
             while self.loss_steps and self.loss_steps[-1] >= record["step"]:
@@ -69,7 +134,15 @@ class RunLogger:
                 self.losses.pop()
             self.loss_steps.append(record["step"])
             self.losses.append(record["loss"])
-            plot_curve(self.loss_steps, self.losses, os.path.join(self.folder, "loss.png"))
+            if time.monotonic() - self.last_figure >= FIGURE_EVERY_S:
+                self.draw_loss()
+
+    def draw_loss(self):
+        """loss.png from every loss logged so far (matplotlib costs ~0.1 s a figure, so the
+        log redraws it at most every FIGURE_EVERY_S seconds, and close() once more)."""
+        if self.enabled and self.losses:
+            loss_curve(self.loss_steps, self.losses, os.path.join(self.folder, "loss.png"))
+            self.last_figure = time.monotonic()
 
 
 def _step(line: str) -> int | None:

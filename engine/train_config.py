@@ -50,6 +50,8 @@ class TrainConfig:
     sample_every: int = 0
     preview_count: int = 16
     preview_cfg: float = 1.0
+    tensorboard: bool = True
+    wandb: str | None = None  # a Weights & Biases project
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     sampler: SamplerSpec | None = None  # the preview's; None: the family's default
 

@@ -38,7 +38,7 @@ from .checkpoint import (
 from .ema import create_ema
 from .errors import UsageError
 from .images import save_png
-from .logger import RunLogger
+from .logger import RunLogger, check_wandb
 from .objective import create_objective
 from .precision import apply_precision, compile_blocks, resolve_compile, resolve_precision
 from .sampling import derive_seed, preview_grid, sampling_objective
@@ -79,6 +79,7 @@ class Trainer:
         check_writable(config.results_dir, "--results-dir")
         if config.latent_cache:
             check_writable(config.latent_cache, "--latent-cache")
+        check_wandb(config.wandb)
         if config.sample_every and config.sampler is None:
             raise UsageError("previews (--sample-every) need a sampler spec in the config")
         self.resume_from = checkpoint_to_resume(self.checkpoint_dir, config.resume)
@@ -112,7 +113,12 @@ class Trainer:
             run = {"image_size": config.image_size, "vae": config.vae}
             check_resumable(self.resume_from, self.resume_state, self.model_config, run)
         # Every input checked: from here on the run writes into its folder.
-        self.log = RunLogger(config.results_dir, enabled=self.info.is_main)
+        self.log = RunLogger(
+            config.results_dir,
+            enabled=self.info.is_main,
+            tensorboard=config.tensorboard,
+            wandb=config.wandb,
+        )
         if self.info.is_main:
             swept = sweep_leftovers(self.checkpoint_dir)
             if swept:
@@ -122,6 +128,7 @@ class Trainer:
         self.model, self.opt = self.train_step.model, self.train_step.optimizer
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
+        self.log.start(self.step, self._configs())
         self.sampler, self.loader = self._loader()
 
     def _train_step(self) -> TrainStep:
@@ -229,15 +236,17 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch,
                 "world_size": self.info.world_size,
             }
-            configs = {
-                "model": self.model_config.to_dict(),
-                "objective": self.config.objective.to_dict(),
-                "train": self.config.to_dict(),
-            }
-            save_training_checkpoint(path, self.train_step, position, configs)
+            save_training_checkpoint(path, self.train_step, position, self._configs())
             prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
             self.log.info(f"saved checkpoint {path}")
         dist.barrier()
+
+    def _configs(self) -> dict:
+        return {
+            "model": self.model_config.to_dict(),
+            "objective": self.config.objective.to_dict(),
+            "train": self.config.to_dict(),
+        }
 
     def preview(self):
         """samples/<step>.png from the EMA model (engine.sampling.preview_grid)."""
@@ -256,6 +265,7 @@ class Trainer:
             )
             path = os.path.join(config.results_dir, "samples", f"{self.step:07d}.png")
             save_png(grid, path)
+            self.log.image("preview", grid, self.step)
             self.log.info(f"preview grid {path}")
         dist.barrier()
 
@@ -263,6 +273,15 @@ class Trainer:
         self.stop_requested = True
 
     def run(self):
+        """Train to --max-steps (or --epochs), or until SIGTERM; the logs are closed (loss.png
+        drawn, event files flushed) however the loop ends."""
+        try:
+            self._loop()
+        finally:
+            self.log.close()
+        dist.cleanup()
+
+    def _loop(self):
         config = self.config
         control = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         per_epoch = self.sampler.batches_per_epoch()
@@ -319,7 +338,6 @@ class Trainer:
             self.log.info(f"SIGTERM: checkpoint written at step {self.step}; exiting")
         else:
             self.log.info(f"done at step {self.step}")
-        dist.cleanup()
 
     def _log_metrics(self, grad_norm: torch.Tensor):
         """One metrics.jsonl record and log line: the loss averaged over the steps since the

@@ -133,7 +133,7 @@ def test_report_writes_tables_and_chart(results):
         bars = (
             len(load(out, "train_step")["rows"]) // 2 + 1 + len(load(out, "sampling")["rows"]) // 2
         )
-        assert chart.height == 40 + 22 * bars + 40
+        assert chart.height == round(100 * (1.2 + 0.32 * bars))  # one row per ratio
 
 
 def test_report_takes_every_json_of_a_benchmark(results, tmp_path):
