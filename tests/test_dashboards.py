@@ -56,6 +56,25 @@ def test_wandb_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_wandb_offline_run_logs_scalars_and_previews(tmp_path):
+    """The real wandb package in offline mode (no network): the run ends normally and its
+    offline run folder holds the logged preview images."""
+    import subprocess
+    import sys
+
+    from test_train import REPO
+
+    preview = ["--sample-every", "2", "--preview-count", "4", "--num-sampling-steps", "3"]
+    cmd = [sys.executable, "train.py", *tiny_args(tmp_path, "--wandb", "vca-dit-test", *preview,
+                                                  steps=2)]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert list((runs[0] / "files" / "media" / "images").glob("preview_2_*.png"))
+
+
 def test_evaluate_fid_writes_metrics_at_the_checkpoints_step(checkpoint, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("VCA_DIT_CACHE", str(tmp_path / "cache"))
     state = torch.load(checkpoint, weights_only=True)
