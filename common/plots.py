@@ -56,3 +56,18 @@ def ratio_bars(bars: list[tuple[str, float]], path, title: str) -> None:
     ax.set(xlabel="speed ratio (log scale)", title=title)
     ax.grid(True, axis="x", which="both", alpha=0.3)
     _save(figure, path)
+
+
+def cell_means(labels: list[str], seeds: list[list[float]], path, ylabel: str) -> None:
+    """One point per seed and the mean ± std per cell (a study's figure)."""
+    figure = Figure(figsize=(1.2 + 1.1 * len(labels), 4), layout="constrained")
+    ax = figure.subplots()
+    for x, values in enumerate(seeds):
+        values = np.asarray(values, float)
+        ax.scatter(np.full(len(values), x), values, color="tab:gray", s=12, zorder=2)
+        spread = values.std(ddof=1) if len(values) > 1 else 0.0
+        ax.errorbar(x, values.mean(), yerr=spread, fmt="o", color="tab:blue", capsize=4)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set(ylabel=ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(figure, path)

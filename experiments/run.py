@@ -1,0 +1,137 @@
+"""Run one of the paper's tables, seed by seed, and aggregate it.
+
+    python -m experiments.run paper-main --scale demo            # this machine, built-in data
+    python -m experiments.run paper-ablation --scale demo
+    python -m experiments.run paper-main --scale imagenet        # torchrun and sbatch commands
+
+Each cell x seed is an ordinary train.py run then an evaluate_fid.py run in
+<out>/<table>/<scale>/<model>-<attention>/seed<k>. A rerun skips the runs whose eval.json
+exists and resumes the others from their newest checkpoint, so a study can be done in parts.
+At the end summary.md (mean ± std over seeds, the difference to the table's baseline with a
+95% Welch interval) and summary.png are written beside the runs.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+from common import InputError
+from common.cli import ArgumentParser, report
+
+from .aggregate import write_summary
+from .tables import SCALES, TABLES, cells
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
+    """train.py and evaluate_fid.py argument lists of one run."""
+    slug = f"{model.replace('/', '-')}-{attention}"
+    run_dir = os.path.join(folder, slug, f"seed{seed}")
+    train = [*scale.train, "--model", model, "--attention", attention, "--global-seed",
+             str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
+             "--results-dir", run_dir, "--resume"]  # fmt: skip
+    ckpt = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
+    evaluate = [*scale.evaluate, "--ckpt", ckpt, "--seed", str(seed),
+                "--sample-dir", os.path.join(run_dir, "eval"),
+                "--json", os.path.join(run_dir, "eval.json"), *extra_eval]  # fmt: skip
+    return train, evaluate
+
+
+def run_locally(runs, log) -> None:
+    """Each run's train.py, then evaluate_fid.py, as subprocesses; finished runs are skipped."""
+    for train, evaluate in runs:
+        json_path = evaluate[evaluate.index("--json") + 1]
+        if os.path.exists(json_path):
+            log(f"done already: {json_path}")
+            continue
+        for script, args in (("train.py", train), ("evaluate_fid.py", evaluate)):
+            log(f"{script} {shlex.join(args)}")
+            subprocess.run([sys.executable, script, *args], cwd=REPO, check=True)
+
+
+def write_cluster_commands(runs, folder, nodes: int) -> str:
+    """commands.sh: per run the torchrun lines and the chained sbatch submissions."""
+    lines = ["#!/bin/bash", "# torchrun on one node of 8 GPUs per run, or the sbatch pair below"]
+    for train, evaluate in runs:
+        lines.append("torchrun --nproc_per_node=8 train.py " + shlex.join(train))
+        lines.append("torchrun --nproc_per_node=8 evaluate_fid.py " + shlex.join(evaluate))
+        lines.append(
+            f"job=$(sbatch --parsable --nodes={nodes} scripts/slurm/train.sbatch "
+            f"{shlex.join([a for a in train if a != '--resume'])})"
+        )
+        lines.append(
+            "sbatch --dependency=afterok:$job --nodes=1 scripts/slurm/evaluate.sbatch "
+            + shlex.join(evaluate)
+        )
+    path = os.path.join(folder, "commands.sh")
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
+    parser.add_argument("table", choices=list(TABLES), help="which table of the paper")
+    parser.add_argument("--scale", choices=list(SCALES), default="demo", help="(default demo)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the scale's)"
+    )
+    parser.add_argument("--only", nargs="+", metavar="MODEL:ATTENTION", default=None,
+                        help="run only these cells, e.g. DiT-T/4:vca")  # fmt: skip
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="evaluation images per run (default: the scale's)",
+    )
+    parser.add_argument(
+        "--sampling-steps",
+        type=int,
+        default=None,
+        help="sampler steps of the evaluation (default: the sampler's)",
+    )
+    parser.add_argument("--nodes", type=int, default=4, help="sbatch nodes at ImageNet scale")
+    parser.add_argument("--out", default="studies", help="folder of the studies (default studies)")
+    args = parser.parse_args(argv)
+    scale = SCALES[args.scale]
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--seeds and --steps must be positive")
+    baseline, _ = TABLES[args.table]
+    chosen = cells(args.table, scale)
+    if args.only:
+        wanted = {tuple(item.split(":", 1)) for item in args.only}
+        chosen = [cell for cell in chosen if cell in wanted]
+    folder = os.path.join(args.out, args.table, args.scale)
+    steps = args.steps or scale.steps
+    extra_eval = []
+    if args.eval_samples:
+        extra_eval += ["--num-samples", str(args.eval_samples)]
+    if args.sampling_steps:
+        extra_eval += ["--num-sampling-steps", str(args.sampling_steps)]
+    runs = [
+        run_commands(model, attention, seed, folder, scale, steps, extra_eval)
+        for model, attention in chosen
+        for seed in range(args.seeds)
+    ]
+    if args.scale == "imagenet":
+        print(f"wrote {write_cluster_commands(runs, folder, args.nodes)}")
+        return 0
+    try:
+        run_locally(runs, print)
+        print(write_summary(folder, baseline))
+    except subprocess.CalledProcessError as err:
+        print(f"error: a run failed ({err.cmd[1]}, exit {err.returncode}); rerun to resume it",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except InputError as err:
+        return report(err)
+    print(f"summary: {os.path.join(folder, 'summary.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

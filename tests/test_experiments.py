@@ -1,0 +1,68 @@
+"""The study runner: skip and resume with tiny real runs, the aggregation's arithmetic against
+scipy, and the ImageNet-scale commands through the real parsers."""
+
+import os
+import shlex
+
+import numpy as np
+import pytest
+from scipy import stats
+from torch.distributed.run import get_args_parser
+
+import evaluate_fid
+import train
+from experiments import run
+from experiments.aggregate import table, welch_interval
+
+
+def test_welch_interval_matches_scipy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.5, 0.02, 3), rng.normal(0.53, 0.05, 4)
+    diff, low, high = welch_interval(a, b)
+    expected = stats.ttest_ind(b, a, equal_var=False).confidence_interval(0.95)
+    assert diff == pytest.approx(b.mean() - a.mean(), rel=1e-12)
+    assert (low, high) == pytest.approx((expected.low, expected.high), rel=1e-10)
+
+
+def test_table_reports_mean_std_and_interval_against_the_baseline():
+    cells = {("M", "mhsa"): {"fid": [10.0, 12.0, 11.0]}, ("M", "vca"): {"fid": [9.0, 9.5, 8.5]}}
+    text = table(cells, "mhsa")
+    diff, low, high = welch_interval([10.0, 12.0, 11.0], [9.0, 9.5, 8.5])
+    assert "| M | mhsa | 3 | 11.0000 ± 1.0000 | - |" in text
+    assert f"| M | vca | 3 | 9.0000 ± 0.5000 | {diff:+.4f} [{low:+.4f}, {high:+.4f}] |" in text
+
+
+def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("VCA_DIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["paper-main", "--scale", "demo", "--only", "DiT-T/4:mhsa", "DiT-T/4:vca",
+            "--seeds", "2", "--steps", "2", "--eval-samples", "20", "--sampling-steps", "2",
+            "--out", str(tmp_path / "studies")]  # fmt: skip
+    assert run.main(argv) == 0
+    folder = tmp_path / "studies" / "paper-main" / "demo"
+    summary = (folder / "summary.md").read_text()
+    assert "| DiT-T/4 | mhsa | 2 |" in summary and "| DiT-T/4 | vca | 2 |" in summary
+    assert (folder / "summary.png").exists()
+    capsys.readouterr()
+
+    done = folder / "DiT-T-4-vca" / "seed1"
+    stamp = os.path.getmtime(done / "eval.json")
+    os.remove(folder / "DiT-T-4-mhsa" / "seed0" / "eval.json")  # interrupted: no evaluation
+    os.remove(folder / "DiT-T-4-mhsa" / "seed0" / "checkpoints" / "0000002.pt")  # nor step 2
+    assert run.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("done already") == 3 and os.path.getmtime(done / "eval.json") == stamp
+    log = (folder / "DiT-T-4-mhsa" / "seed0" / "log.txt").read_text()
+    assert "resumed from" in log and "0000001.pt at step 1" in log
+
+
+def test_imagenet_scale_writes_commands_that_parse(tmp_path):
+    assert run.main(["paper-ablation", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "paper-ablation" / "imagenet" / "commands.sh").read_text().splitlines()
+    torchruns = [shlex.split(line)[1:] for line in lines if line.startswith("torchrun ")]
+    assert len(torchruns) == 2 * 5 * 3  # train and evaluate, 5 attentions, 3 seeds
+    for words in torchruns:
+        launch = get_args_parser().parse_args(words)
+        script = {"train.py": train, "evaluate_fid.py": evaluate_fid}[launch.training_script]
+        script.build_parser().parse_args(launch.training_script_args)
+    assert sum(line.startswith("job=$(sbatch") for line in lines) == 15
