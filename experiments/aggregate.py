@@ -35,9 +35,21 @@ def collect(folder) -> dict:
         report = json.loads(path.read_text())
         values = cells.setdefault((report["model"], report["attention"]), {})
         for metric, value in report["metrics"].items():
-            if metric in METRICS and isinstance(value, (int, float)):
+            if (metric in METRICS or metric == "num_samples") and isinstance(value, (int, float)):
                 values.setdefault(metric, []).append(float(value))
     return cells
+
+
+def accuracy_noise(values: dict) -> float | None:
+    """The evaluation's own sampling noise in class accuracy: the binomial standard error
+    sqrt(p (1 - p) / n) of each seed's n samples (what a bootstrap over the samples
+    estimates), averaged over seeds; None without accuracies."""
+    accuracies, counts = values.get("class_accuracy"), values.get("num_samples")
+    if not accuracies or not counts:
+        return None
+    return float(
+        np.mean([math.sqrt(p * (1 - p) / n) for p, n in zip(accuracies, counts, strict=True)])
+    )
 
 
 def table(cells: dict, baseline: str) -> str:
@@ -47,6 +59,9 @@ def table(cells: dict, baseline: str) -> str:
     header = ["model", "attention", "seeds"]
     for metric in metrics:
         header += [METRICS[metric][0], f"vs {baseline} [95% CI]"]
+    noisy = "class_accuracy" in metrics
+    if noisy:
+        header.append("accuracy eval noise (SE)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (model, attention), values in sorted(cells.items()):
         row = [model, attention, str(max(len(v) for v in values.values()))]
@@ -60,6 +75,9 @@ def table(cells: dict, baseline: str) -> str:
                 row.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
             else:
                 row.append("-")
+        if noisy:
+            noise = accuracy_noise(values)
+            row.append("-" if noise is None else f"{noise:.4f}")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -32,6 +32,12 @@ def test_table_reports_mean_std_and_interval_against_the_baseline():
     assert f"| M | vca | 3 | 9.0000 ± 0.5000 | {diff:+.4f} [{low:+.4f}, {high:+.4f}] |" in text
 
 
+def test_class_accuracy_comes_with_the_evaluations_binomial_noise():
+    cells = {("M", "mhsa"): {"class_accuracy": [0.4, 0.5], "num_samples": [1000.0, 1000.0]}}
+    noise = (np.sqrt(0.4 * 0.6 / 1000) + np.sqrt(0.5 * 0.5 / 1000)) / 2
+    assert table(cells, "mhsa").splitlines()[-1].endswith(f"| {noise:.4f} |")
+
+
 def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VCA_DIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
