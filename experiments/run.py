@@ -33,7 +33,8 @@ def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
              str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
              "--results-dir", run_dir, "--resume"]  # fmt: skip
     ckpt = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
-    evaluate = [*scale.evaluate, "--ckpt", ckpt, "--seed", str(seed),
+    sampler = scale.samplers.get(model.split("-")[0], ())
+    evaluate = [*scale.evaluate, *sampler, "--ckpt", ckpt, "--seed", str(seed),
                 "--sample-dir", os.path.join(run_dir, "eval"),
                 "--json", os.path.join(run_dir, "eval.json"), *extra_eval]  # fmt: skip
     return train, evaluate
