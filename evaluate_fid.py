@@ -104,12 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def score(args, samples_path: str, settings: dict, step: int | None = None) -> None:
-    """Metrics of the samples, printed as a table and written beside them as JSON (and as
-    TensorBoard scalars at `step` with --tensorboard-dir)."""
+def score(args, reference, samples_path: str, settings: dict, step: int | None = None) -> None:
+    """Metrics of the samples against `reference` (a Reference, or "synthetic"), printed as a
+    table and written beside them as JSON (and as TensorBoard scalars at `step` with
+    --tensorboard-dir)."""
     result = evaluate_file(
         samples_path,
-        args.ref,
+        reference,
         num_classes=settings.get("num_classes"),
         expected_count=settings.get("num_samples"),
         inception_weights=args.inception_weights,
@@ -146,8 +147,9 @@ def make_reference(args) -> None:
     print(f"reference statistics: {args.make_ref}")
 
 
-def check_inputs(args) -> None:
-    """Everything the command will need, checked before any sampling or feature extraction."""
+def check_inputs(args) -> tuple[SampleSetConfig | None, object]:
+    """Everything the command will need, checked before any sampling or feature extraction;
+    returns the sample set to draw (None without --ckpt) and the reference, read once here."""
     if args.eval_batch_size < 1:
         raise UsageError(f"--eval-batch-size must be positive, got {args.eval_batch_size}")
     if args.inception_weights and not os.path.isfile(args.inception_weights):
@@ -160,7 +162,8 @@ def check_inputs(args) -> None:
         if args.ref_images < 0:
             raise UsageError(f"--ref-images must be 0 or more, got {args.ref_images}")
         check_writable(args.make_ref, "--make-ref", is_dir=False)
-        return
+        return None, None
+    sample_set = None
     if args.samples:
         if not args.ref:
             raise UsageError("--samples needs --ref to evaluate against")
@@ -168,34 +171,35 @@ def check_inputs(args) -> None:
     elif not args.ckpt:
         raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
     else:
-        SampleSetConfig.from_args(args)
+        sample_set = SampleSetConfig.from_args(args)
+    reference = args.ref
     if args.ref and args.ref != "synthetic":
-        load_reference(args.ref)  # its statistics are read and checked now, not after sampling
+        reference = load_reference(args.ref)  # read and checked now, not after sampling
     if args.json:
         check_writable(args.json, "--json", is_dir=False)
     if args.tensorboard_dir:
         check_writable(args.tensorboard_dir, "--tensorboard-dir")
+    return sample_set, reference
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        check_inputs(args)
+        sample_set, reference = check_inputs(args)
         if args.make_ref:
             make_reference(args)
             return 0
         if args.samples:
-            score(args, args.samples, {})
+            score(args, reference, args.samples, {})
             return 0
         info = dist.setup(args.device)
         loaded = load_model(CheckpointRequest.from_args(args), info.device)
         apply_precision(loaded.precision)
         spec = sampler_from_args(loaded.family, args)
-        sample_set = SampleSetConfig.from_args(args)
         samples_path, settings = draw_sample_set(loaded, spec, sample_set, info)
         if args.ref and info.is_main:
-            score(args, samples_path, settings, loaded.step)
+            score(args, reference, samples_path, settings, loaded.step)
         dist.cleanup()
     except InputError as err:
         return report(err)

@@ -3,6 +3,7 @@ where a bad-input error becomes that line and exit code 2."""
 
 import argparse
 import sys
+from dataclasses import fields
 
 from .errors import InputError
 
@@ -13,6 +14,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def from_flags(config_class, args: argparse.Namespace, **given):
+    """An instance of the dataclass `config_class` from the parsed flags of the same names
+    (those `args` has); `given` sets the other fields and overrides flags."""
+    flags = {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
+    return config_class(**{**flags, **given})
 
 
 def error_line(error: BaseException) -> str:

@@ -12,11 +12,12 @@ import argparse
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from common import one_line
+from common.cli import from_flags
 from models import ATTENTIONS, MODEL_NAMES, WIDTHS, ModelConfig, parse_model_name
 from models.codec import Codec, load_codec
 
@@ -53,7 +54,7 @@ class CheckpointRequest:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "CheckpointRequest":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return from_flags(cls, args)
 
 
 @dataclass

@@ -99,7 +99,7 @@ class RunLogger:
             return
         with open(self.metrics_path) as f:
             lines = f.readlines()
-        kept = [line for line in lines if _step(line) is not None and _step(line) <= step]
+        kept = [line for line in lines if _step(line) <= step]
         if len(kept) != len(lines):
             with atomic_write(self.metrics_path, "w") as f:
                 f.writelines(kept)
@@ -145,9 +145,10 @@ class RunLogger:
             self.last_figure = time.monotonic()
 
 
-def _step(line: str) -> int | None:
-    """The step of a metrics.jsonl line; None for a line torn by a kill."""
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line torn by a kill, so no rewind
+    keeps it."""
     try:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return None
+        return math.inf

@@ -16,13 +16,14 @@ streamed into an uncompressed zip so 50,000 images at 256 px never sit in memory
 import argparse
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common import atomic_write, check_writable, npz_array_info, sweep_leftovers, write_npz
+from common.cli import from_flags
 
 from . import dist
 from .errors import UsageError
@@ -107,7 +108,7 @@ class SampleSetConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "SampleSetConfig":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return from_flags(cls, args)
 
 
 def settings_of(loaded, spec, sample_set: SampleSetConfig) -> dict:

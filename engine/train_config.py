@@ -4,8 +4,9 @@ dataset fix the latent sizes and the number of classes (`model_config`)."""
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
+from common.cli import from_flags
 from models import ModelConfig, parse_model_name
 
 from .errors import UsageError
@@ -104,8 +105,7 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace, **given) -> "TrainConfig":
         """The flags of the same names; `given` sets the rest (the nested objective and sampler)
         and overrides flags."""
-        flags = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**{**flags, **given})
+        return from_flags(cls, args, **given)
 
     def model_config(self, latent_size: int, latent_channels: int, num_classes: int):
         return ModelConfig(

@@ -125,7 +125,8 @@ class Trainer:
                 self.log.info(f"removed {len(swept)} files of interrupted checkpoint writes")
         self.dataset = self._dataset(images)
         self.train_step = self._train_step()
-        self.model, self.opt = self.train_step.model, self.train_step.optimizer
+        self.model, self.ema = self.train_step.model, self.train_step.ema
+        self.opt = self.train_step.optimizer
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
         self.log.start(self.step, self._configs())
@@ -138,7 +139,7 @@ class Trainer:
         torch.manual_seed(config.global_seed)
         model = self.model_config.build().to(self.device)
         model.grad_checkpoint = config.grad_checkpoint
-        self.ema = create_ema(model)
+        ema = create_ema(model)
         optimizer = create_optimizer(model, config.lr, config.weight_decay)
         if resolve_compile(config.compile, self.device):
             compile_blocks(model)
@@ -151,7 +152,7 @@ class Trainer:
             network,
             create_objective(self.family, config.objective),
             optimizer,
-            self.ema,
+            ema,
             precision=self.precision,
             ema_decay=config.ema_decay,
             grad_clip=config.grad_clip,

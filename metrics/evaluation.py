@@ -80,8 +80,9 @@ def evaluate_file(
     pr_distances="float16",
 ) -> dict:
     """The metrics of a samples .npz (arr_0: uint8 N x H x W x 3) against `ref`: an ADM
-    reference .npz, or "synthetic" for models of the built-in shapes, scored by the demo
-    classifier (class accuracy against arr_1's labels, Frechet distance in its features)."""
+    reference (a Reference or its .npz path), or "synthetic" for models of the built-in
+    shapes, scored by the demo classifier (class accuracy against arr_1's labels, Frechet
+    distance in its features)."""
     shape, dtype = npz_array_info(samples_path)
     if len(shape) != 4 or shape[-1] != 3 or dtype != "uint8":
         raise MetricsError(
@@ -94,10 +95,9 @@ def evaluate_file(
         images = iter_npz_array(samples_path, "arr_0", batch_size)
         labels = iter_npz_array(samples_path, "arr_1", batch_size)
         return demo_metrics(zip(images, labels, strict=True), scorer)
-    reference = load_reference(ref)
     extractor = InceptionFeatures(inception_weights, device=device)
     batches = iter_npz_array(samples_path, batch_size=batch_size)
-    return evaluate(batches, reference, extractor, progress=progress, pr_distances=pr_distances)
+    return evaluate(batches, ref, extractor, progress=progress, pr_distances=pr_distances)
 
 
 def write_report(report: dict, json_path) -> str:
