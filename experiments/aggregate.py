@@ -28,40 +28,37 @@ def welch_interval(baseline, other, confidence: float = 0.95) -> tuple[float, fl
     return diff, diff - half, diff + half
 
 
-def collect(folder) -> dict:
-    """(model, attention) -> metric -> [value per seed], from */seed*/eval.json."""
-    cells = {}
-    for path in sorted(Path(folder).glob("*/seed*/eval.json")):
-        report = json.loads(path.read_text())
-        values = cells.setdefault((report["model"], report["attention"]), {})
-        for metric, value in report["metrics"].items():
-            if (metric in METRICS or metric == "num_samples") and isinstance(value, (int, float)):
-                values.setdefault(metric, []).append(float(value))
-    return cells
+def run_folder(model: str, attention: str) -> str:
+    """The folder of a cell's seeds, e.g. DiT-T-4-vca: tables sharing a cell share its runs."""
+    return f"{model.replace('/', '-')}-{attention}"
 
 
-def accuracy_noise(values: dict) -> float | None:
-    """The evaluation's own sampling noise in class accuracy: the binomial standard error
-    sqrt(p (1 - p) / n) of each seed's n samples (what a bootstrap over the samples
-    estimates), averaged over seeds; None without accuracies."""
-    accuracies, counts = values.get("class_accuracy"), values.get("num_samples")
-    if not accuracies or not counts:
-        return None
-    return float(
-        np.mean([math.sqrt(p * (1 - p) / n) for p, n in zip(accuracies, counts, strict=True)])
-    )
+def collect(folder, cells) -> dict:
+    """(model, attention) -> metric -> [value per seed], from <cell>/seed*/eval.json of the
+    given cells; a metric's `_bootstrap_se` (its evaluation noise) is collected beside it."""
+    found = {}
+    for model, attention in cells:
+        for path in sorted((Path(folder) / run_folder(model, attention)).glob("seed*/eval.json")):
+            report = json.loads(path.read_text())
+            values = found.setdefault((model, attention), {})
+            for metric, value in report["metrics"].items():
+                if metric.removesuffix("_bootstrap_se") in METRICS and isinstance(value, float):
+                    values.setdefault(metric, []).append(value)
+    return found
 
 
 def table(cells: dict, baseline: str) -> str:
-    """A markdown table: per cell and metric mean ± std over seeds, and for every attention but
-    the baseline the difference to the same model's baseline with its 95% interval."""
+    """A markdown table: per cell and metric mean ± std over seeds, for every attention but
+    the baseline the difference to the same model's baseline with its 95% interval, and the
+    evaluation's own noise (bootstrap SE over a run's samples, averaged over seeds) where the
+    evaluation measured it."""
     metrics = [m for m in METRICS if any(m in values for values in cells.values())]
+    measured = {key for values in cells.values() for key in values}
     header = ["model", "attention", "seeds"]
     for metric in metrics:
         header += [METRICS[metric][0], f"vs {baseline} [95% CI]"]
-    noisy = "class_accuracy" in metrics
-    if noisy:
-        header.append("accuracy eval noise (SE)")
+        if f"{metric}_bootstrap_se" in measured:
+            header.append("eval noise (SE)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (model, attention), values in sorted(cells.items()):
         row = [model, attention, str(max(len(v) for v in values.values()))]
@@ -75,21 +72,21 @@ def table(cells: dict, baseline: str) -> str:
                 row.append(f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]")
             else:
                 row.append("-")
-        if noisy:
-            noise = accuracy_noise(values)
-            row.append("-" if noise is None else f"{noise:.4f}")
+            if f"{metric}_bootstrap_se" in measured:
+                noise = values.get(f"{metric}_bootstrap_se")
+                row.append(f"{np.mean(noise):.4f}" if noise else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def write_summary(folder, baseline: str) -> str:
-    """summary.md and summary.png in `folder`; returns the table."""
-    cells = collect(folder)
-    text = table(cells, baseline)
-    (Path(folder) / "summary.md").write_text(text + "\n")
-    metric = next((m for m in METRICS if any(m in v for v in cells.values())), None)
+def write_summary(folder, name: str, baseline: str, cells) -> str:
+    """<name>.md and <name>.png in `folder` from the runs of `cells`; returns the table."""
+    found = collect(folder, cells)
+    text = table(found, baseline)
+    (Path(folder) / f"{name}.md").write_text(text + "\n")
+    metric = next((m for m in METRICS if any(m in v for v in found.values())), None)
     if metric is not None:
-        labels = [f"{model}\n{attention}" for model, attention in sorted(cells)]
-        seeds = [cells[key].get(metric, [np.nan]) for key in sorted(cells)]
-        cell_means(labels, seeds, Path(folder) / "summary.png", METRICS[metric][0])
+        labels = [f"{model}\n{attention}" for model, attention in sorted(found)]
+        seeds = [found[key].get(metric, [np.nan]) for key in sorted(found)]
+        cell_means(labels, seeds, Path(folder) / f"{name}.png", METRICS[metric][0])
     return text

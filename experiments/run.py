@@ -5,21 +5,23 @@
     python -m experiments.run paper-main --scale imagenet        # torchrun and sbatch commands
 
 Each cell x seed is an ordinary train.py run then an evaluate_fid.py run in
-<out>/<table>/<scale>/<model>-<attention>/seed<k>. A rerun skips the runs whose eval.json
-exists and resumes the others from their newest checkpoint, so a study can be done in parts.
-At the end summary.md (mean ± std over seeds, the difference to the table's baseline with a
-95% Welch interval) and summary.png are written beside the runs.
+<out>/<scale>/<model>-<attention>/seed<k>; tables that share a cell (the full VCA is in both)
+share its runs. A rerun skips the runs whose eval.json exists and resumes the others from their
+newest checkpoint, so a study can be done in parts. At the end <table>.md (mean ± std over
+seeds, the difference to the table's baseline with a 95% Welch interval, the evaluation's own
+noise) and <table>.png are written beside the runs.
 """
 
 import os
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from common import InputError
 from common.cli import ArgumentParser, report
 
-from .aggregate import write_summary
+from .aggregate import run_folder, write_summary
 from .tables import SCALES, TABLES, cells
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,8 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
     """train.py and evaluate_fid.py argument lists of one run."""
-    slug = f"{model.replace('/', '-')}-{attention}"
-    run_dir = os.path.join(folder, slug, f"seed{seed}")
+    run_dir = os.path.join(folder, run_folder(model, attention), f"seed{seed}")
     train = [*scale.train, "--model", model, "--attention", attention, "--global-seed",
              str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
              "--results-dir", run_dir, "--resume"]  # fmt: skip
@@ -40,20 +41,39 @@ def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
     return train, evaluate
 
 
-def run_locally(runs, log) -> None:
-    """Each run's train.py, then evaluate_fid.py, as subprocesses; finished runs are skipped."""
-    for train, evaluate in runs:
+def run_locally(runs, log, jobs: int = 1) -> None:
+    """Each run's train.py, then evaluate_fid.py, as subprocesses, `jobs` runs at a time;
+    finished runs are skipped. Beside each other, runs share the cores' threads (two 1-thread
+    runs train 1.4x faster than two 2-thread runs in turn on 2 cores) and write their output to
+    console.txt in their folder."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+
+    def one(train, evaluate):
         json_path = evaluate[evaluate.index("--json") + 1]
         if os.path.exists(json_path):
             log(f"done already: {json_path}")
-            continue
+            return
+        run_dir = train[train.index("--results-dir") + 1]
+        os.makedirs(run_dir, exist_ok=True)
         for script, args in (("train.py", train), ("evaluate_fid.py", evaluate)):
             log(f"{script} {shlex.join(args)}")
-            subprocess.run([sys.executable, script, *args], cwd=REPO, check=True)
+            if jobs == 1:
+                subprocess.run([sys.executable, script, *args], cwd=REPO, check=True)
+                continue
+            with open(os.path.join(run_dir, "console.txt"), "a") as out:
+                subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, check=True,
+                               stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        log(f"finished: {json_path}")
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for done in [pool.submit(one, *run) for run in runs]:
+            done.result()  # the first failure, once every run has ended
 
 
-def write_cluster_commands(runs, folder, nodes: int) -> str:
-    """commands.sh: per run the torchrun lines and the chained sbatch submissions."""
+def write_cluster_commands(runs, folder, table: str, nodes: int) -> str:
+    """<table>.sh: per run the torchrun lines and the chained sbatch submissions."""
     lines = ["#!/bin/bash", "# torchrun on one node of 8 GPUs per run, or the sbatch pair below"]
     for train, evaluate in runs:
         lines.append("torchrun --nproc_per_node=8 train.py " + shlex.join(train))
@@ -66,7 +86,7 @@ def write_cluster_commands(runs, folder, nodes: int) -> str:
             "sbatch --dependency=afterok:$job --nodes=1 scripts/slurm/evaluate.sbatch "
             + shlex.join(evaluate)
         )
-    path = os.path.join(folder, "commands.sh")
+    path = os.path.join(folder, f"{table}.sh")
     os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -95,18 +115,24 @@ def main(argv=None) -> int:
         default=None,
         help="sampler steps of the evaluation (default: the sampler's)",
     )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="demo runs side by side, sharing the cores (default 1)"
+    )
     parser.add_argument("--nodes", type=int, default=4, help="sbatch nodes at ImageNet scale")
     parser.add_argument("--out", default="studies", help="folder of the studies (default studies)")
     args = parser.parse_args(argv)
     scale = SCALES[args.scale]
-    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--seeds and --steps must be positive")
+    if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
+        parser.error("--seeds, --jobs and --steps must be positive")
     baseline, _ = TABLES[args.table]
     chosen = cells(args.table, scale)
     if args.only:
         wanted = {tuple(item.split(":", 1)) for item in args.only}
+        if wanted - set(chosen):
+            names = ", ".join(f"{m}:{a}" for m, a in chosen)
+            parser.error(f"--only names a cell {args.table} lacks at this scale; it has {names}")
         chosen = [cell for cell in chosen if cell in wanted]
-    folder = os.path.join(args.out, args.table, args.scale)
+    folder = os.path.join(args.out, args.scale)
     steps = args.steps or scale.steps
     extra_eval = []
     if args.eval_samples:
@@ -119,18 +145,18 @@ def main(argv=None) -> int:
         for seed in range(args.seeds)
     ]
     if args.scale == "imagenet":
-        print(f"wrote {write_cluster_commands(runs, folder, args.nodes)}")
+        print(f"wrote {write_cluster_commands(runs, folder, args.table, args.nodes)}")
         return 0
     try:
-        run_locally(runs, print)
-        print(write_summary(folder, baseline))
+        run_locally(runs, lambda line: print(line, flush=True), args.jobs)
+        print(write_summary(folder, args.table, baseline, cells(args.table, scale)))
     except subprocess.CalledProcessError as err:
         print(f"error: a run failed ({err.cmd[1]}, exit {err.returncode}); rerun to resume it",
               file=sys.stderr)  # fmt: skip
         return 1
     except InputError as err:
         return report(err)
-    print(f"summary: {os.path.join(folder, 'summary.md')}")
+    print(f"summary: {os.path.join(folder, args.table + '.md')}")
     return 0
 
 

@@ -159,7 +159,9 @@ def _train_and_save(image_size, folder, path):
     return model
 
 
-def demo_metrics(batches, scorer: DemoScorer, num_reference: int = 2000, seed: int = 2) -> dict:
+def demo_metrics(
+    batches, scorer: DemoScorer, num_reference: int = 2000, seed: int = 2, bootstrap: int = 200
+) -> dict:
     """Score samples against the classes they were conditioned on.
 
     `batches` yields (images, labels): uint8 (B, H, W, 3) samples and the class each was drawn
@@ -167,29 +169,38 @@ def demo_metrics(batches, scorer: DemoScorer, num_reference: int = 2000, seed: i
     compares their features with `num_reference` real images rendered with `seed` (a set neither
     the generator, seed 0, nor the classifier, seed 1, trained on), whose own accuracy is
     `real_accuracy`: the ceiling a perfect generator would reach.
+
+    The `*_bootstrap_se` entries are the evaluation's own noise: the standard deviation of each
+    metric over `bootstrap` resamplings of the samples with replacement (the reference fixed),
+    which is how far a second draw of as many samples from the same checkpoint would move it.
     """
-    correct, features = 0, []
+    correct, features = [], []
     for images, labels in batches:
         logits, feats = scorer(images)
         labels = np.asarray(labels)
         if labels.shape != (len(logits),):
             raise MetricsError(f"{len(logits)} images but labels of shape {labels.shape}")
-        correct += int((logits.argmax(1) == labels).sum())
+        correct.append(logits.argmax(1) == labels)
         features.append(feats)
     features = np.concatenate(features) if features else np.empty((0, 0))
     if len(features) < 2:
         raise MetricsError(f"demo metrics need at least 2 samples, got {len(features)}")
+    correct = np.concatenate(correct)
     images, labels = render(scorer.image_size, num_reference, scorer.num_classes, seed)
     real_logits, real_features = scorer(images)
-    distance = frechet_distance(
-        features.mean(0),
-        np.cov(features, rowvar=False),
-        real_features.mean(0),
-        np.cov(real_features, rowvar=False),
-    )
+    real_stats = real_features.mean(0), np.cov(real_features, rowvar=False)
+
+    def distance(feats):
+        return frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), *real_stats)
+
+    draws = np.random.default_rng(seed).integers(0, len(features), (bootstrap, len(features)))
     return {
-        "class_accuracy": correct / len(features),
-        "frechet_distance": distance,
+        "class_accuracy": float(correct.mean()),
+        "frechet_distance": distance(features),
         "num_samples": len(features),
         "real_accuracy": float((real_logits.argmax(1) == labels).mean()),
+        "class_accuracy_bootstrap_se": float(np.std([correct[i].mean() for i in draws], ddof=1)),
+        "frechet_distance_bootstrap_se": float(
+            np.std([distance(features[i]) for i in draws], ddof=1)
+        ),
     }

@@ -63,6 +63,8 @@ METRIC_NAMES = {
     "class_accuracy": "class accuracy (demo classifier)",
     "real_accuracy": "class accuracy of real images",
     "frechet_distance": "Frechet distance (demo classifier features)",
+    "class_accuracy_bootstrap_se": "class accuracy: evaluation noise (bootstrap SE)",
+    "frechet_distance_bootstrap_se": "Frechet distance: evaluation noise (bootstrap SE)",
     "num_samples": "samples",
 }
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.synthetic import SyntheticShapes
 from metrics import MetricsError
 from metrics import demo_classifier as dc
 
@@ -113,6 +114,30 @@ def test_noise_and_wrong_labels_score_low(scorer):
     assert noisy["frechet_distance"] > 20 * real["frechet_distance"]
     assert mislabelled["class_accuracy"] == pytest.approx(np.mean(shuffled == labels), abs=0.05)
     assert mislabelled["frechet_distance"] == pytest.approx(real["frechet_distance"])
+
+
+def test_bootstrap_noise_matches_the_binomial_se_and_repeated_draws(scorer):
+    """The accuracy's bootstrap SE against the closed form sqrt(p (1 - p) / n); the Frechet
+    distance's against its spread over independent sample sets of the same size, drawn as
+    evaluate_fid draws them (i.i.d. labels) and shifted by pixel noise so that the distance is
+    far from 0, where no resampling estimate of its noise holds."""
+    n = 400
+    results = []
+    for k in range(8):
+        rng = np.random.default_rng(k)
+        labels = rng.integers(0, 10, n)
+        data = SyntheticShapes(SIZE, 10, n, seed=10 + k)
+        images = np.stack([data.render(i, c) for i, c in enumerate(labels)])
+        images = np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+        guessed = np.where(rng.random(n) < 0.5, labels, (labels + 1) % 10)  # about half right
+        results.append(dc.demo_metrics(batched(images, guessed), scorer, num_reference=1000))
+    first = results[0]
+    p = first["class_accuracy"]
+    assert 0.35 < p < 0.65
+    assert first["class_accuracy_bootstrap_se"] == pytest.approx(np.sqrt(p * (1 - p) / n), rel=0.2)
+    spread = np.std([r["frechet_distance"] for r in results], ddof=1)
+    se = np.mean([r["frechet_distance_bootstrap_se"] for r in results])
+    assert spread / 2 < se < spread * 2
 
 
 def test_a_right_colour_on_the_wrong_shape_is_not_recognised(scorer):

@@ -32,10 +32,13 @@ def test_table_reports_mean_std_and_interval_against_the_baseline():
     assert f"| M | vca | 3 | 9.0000 ± 0.5000 | {diff:+.4f} [{low:+.4f}, {high:+.4f}] |" in text
 
 
-def test_class_accuracy_comes_with_the_evaluations_binomial_noise():
-    cells = {("M", "mhsa"): {"class_accuracy": [0.4, 0.5], "num_samples": [1000.0, 1000.0]}}
-    noise = (np.sqrt(0.4 * 0.6 / 1000) + np.sqrt(0.5 * 0.5 / 1000)) / 2
-    assert table(cells, "mhsa").splitlines()[-1].endswith(f"| {noise:.4f} |")
+def test_table_reports_the_evaluations_bootstrap_noise():
+    cells = {
+        ("M", "mhsa"): {"class_accuracy": [0.4, 0.5], "class_accuracy_bootstrap_se": [0.01, 0.02]}
+    }
+    text = table(cells, "mhsa")
+    assert "eval noise (SE)" in text.splitlines()[0]
+    assert text.splitlines()[-1].endswith("| 0.0150 |")
 
 
 def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
@@ -44,11 +47,12 @@ def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     argv = ["paper-main", "--scale", "demo", "--only", "DiT-T/4:mhsa", "DiT-T/4:vca",
             "--seeds", "2", "--steps", "2", "--eval-samples", "20", "--sampling-steps", "2",
             "--out", str(tmp_path / "studies")]  # fmt: skip
-    assert run.main(argv) == 0
-    folder = tmp_path / "studies" / "paper-main" / "demo"
-    summary = (folder / "summary.md").read_text()
+    assert run.main([*argv, "--jobs", "2"]) == 0
+    folder = tmp_path / "studies" / "demo"
+    summary = (folder / "paper-main.md").read_text()
     assert "| DiT-T/4 | mhsa | 2 |" in summary and "| DiT-T/4 | vca | 2 |" in summary
-    assert (folder / "summary.png").exists()
+    assert (folder / "paper-main.png").exists()
+    assert "saved checkpoint" in (folder / "DiT-T-4-vca" / "seed0" / "console.txt").read_text()
     capsys.readouterr()
 
     done = folder / "DiT-T-4-vca" / "seed1"
@@ -61,10 +65,24 @@ def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     log = (folder / "DiT-T-4-mhsa" / "seed0" / "log.txt").read_text()
     assert "resumed from" in log and "0000001.pt at step 1" in log
 
+    # the ablation table shares the full VCA's runs and summarises only its own cells
+    ablation = ["paper-ablation", *argv[1:3], "--only", "DiT-T/4:vca", *argv[5:]]
+    assert run.main(ablation) == 0
+    assert capsys.readouterr().out.count("done already") == 2
+    summary = (folder / "paper-ablation.md").read_text()
+    assert "| DiT-T/4 | vca | 2 |" in summary and "mhsa |" not in summary
+
+
+def test_runner_refuses_a_cell_the_table_lacks(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["paper-ablation", "--only", "DiT-T/4:mhsa", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "lacks" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
 
 def test_imagenet_scale_writes_commands_that_parse(tmp_path):
     assert run.main(["paper-ablation", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
-    lines = (tmp_path / "paper-ablation" / "imagenet" / "commands.sh").read_text().splitlines()
+    lines = (tmp_path / "imagenet" / "paper-ablation.sh").read_text().splitlines()
     torchruns = [shlex.split(line)[1:] for line in lines if line.startswith("torchrun ")]
     assert len(torchruns) == 2 * 5 * 3  # train and evaluate, 5 attentions, 3 seeds
     for words in torchruns:
