@@ -272,6 +272,10 @@ class VisualContrastAttention(Attention):
     (`stage2_softmax="separate"`) or halves of one softmax over 2n (`"joint"`).
     A 3x3 depthwise convolution of v on the grid is added before `proj` (`dwc=True`).
 
+    `prefix_tokens` tokens at the front of the sequence (a ViT's class token) have no place on
+    the grid: they take no part in the pooling and the conv, but serve as keys and values in
+    Stage I and as queries in Stage II like every patch.
+
     `variant` picks the ablation: "vca" (full), "stage1" / "stage2" (only that stage is
     differential; the other uses the positive stream alone, with no norm), "emb" (streams are
     e+ / e- alone, no pooled content), "diff" (one set of learnable tokens; each stage is a
@@ -291,6 +295,7 @@ class VisualContrastAttention(Attention):
         contrast_grid: int | tuple[int, int] = 8,
         stage2_softmax: str = "separate",
         dwc: bool = True,
+        prefix_tokens: int = 0,
     ):
         super().__init__(dim, num_heads)
         if variant not in ("vca", "stage1", "stage2", "emb", "diff"):
@@ -303,6 +308,7 @@ class VisualContrastAttention(Attention):
             raise ValueError("the 'diff' variant has no dual streams to share a joint softmax")
         self.head_dim = dim // num_heads
         self.grid_size = tuple(grid_size)
+        self.prefix_tokens = prefix_tokens
         if isinstance(contrast_grid, int):
             contrast_grid = (contrast_grid, contrast_grid)
         self.contrast_grid = (
@@ -328,8 +334,9 @@ class VisualContrastAttention(Attention):
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if dwc else None
 
     def _grid(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, M, N, d) heads -> (B, C, H, W) image with heads-major channels, as a view when the
-        heads come straight from the qkv projection (no copy of N x C)."""
+        """(B, M, N, d) heads -> (B, C, H, W) image of the grid tokens with heads-major channels,
+        as a view when the heads come straight from the qkv projection (no copy of N x C)."""
+        t = t[:, :, self.prefix_tokens :]
         return t.transpose(1, 2).reshape(t.shape[0], *self.grid_size, -1).permute(0, 3, 1, 2)
 
     def _stream_tokens(self, q: torch.Tensor) -> torch.Tensor:
@@ -374,9 +381,11 @@ class VisualContrastAttention(Attention):
         return out
 
     def _depthwise_conv(self, v: torch.Tensor) -> torch.Tensor:
-        """`dwc` of the (B, M, N, d) heads v on the grid, as (B, N, C) tokens."""
+        """`dwc` of the (B, M, N, d) heads v on the grid, as (B, N, C) tokens (zero at the
+        prefix tokens)."""
         weight, bias = self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype)
-        return depthwise_conv3x3(self._grid(v), weight, bias)
+        conv = depthwise_conv3x3(self._grid(v), weight, bias)
+        return F.pad(conv, (0, 0, self.prefix_tokens, 0)) if self.prefix_tokens else conv
 
 
 @custom_op("depthwise_conv3x3")

@@ -77,7 +77,9 @@ def depthwise3x3(v, conv, grid):
     return out.reshape(v.shape)
 
 
-def reference_vca(mod, x, layer):
+def reference_vca(mod, x, layer, prefix=0):
+    """VCA written out in float64; the first `prefix` tokens stay off the grid (no pooling, no
+    conv) and take part in both stages as keys, values and queries."""
     x = x.double()
     q, k, v = split_qkv(mod, x)
     li = 0.8 - 0.6 * math.exp(-0.3 * layer)
@@ -86,7 +88,7 @@ def reference_vca(mod, x, layer):
     if variant in ("emb", "diff"):
         content = torch.zeros(x.shape[0], n_grid[0] * n_grid[1], C, dtype=torch.float64)
     else:
-        content = block_mean_pool(q, (H, W), n_grid)
+        content = block_mean_pool(q[:, prefix:], (H, W), n_grid)
     pos = heads(content + mod.contrast_pos.double(), HEADS)
     qh, kh, vh = heads(q, HEADS), heads(k, HEADS), heads(v, HEADS)
     if variant == "diff":
@@ -120,7 +122,8 @@ def reference_vca(mod, x, layer):
             out = (1 - li) * rms(out, mod.norm2.weight.double())
     out = merge(out)
     if mod.dwc is not None:
-        out = out + depthwise3x3(v, mod.dwc, (H, W))
+        conv = depthwise3x3(v[:, prefix:], mod.dwc, (H, W))
+        out = out + torch.cat([torch.zeros_like(out[:, :prefix]), conv], 1)
     return out @ mod.proj.weight.double().T + mod.proj.bias.double()
 
 
@@ -173,6 +176,21 @@ def test_vca_matches_reference(variant, softmax_mode, dwc):
     names = ["x", *(name for name, _ in mod.named_parameters())]
     for name, got, want in zip(names, grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("prefix,softmax_mode", [(1, "separate"), (2, "joint")])
+def test_vca_with_prefix_tokens_matches_reference(prefix, softmax_mode):
+    """A ViT's class (and distillation) tokens: off the grid, in both stages."""
+    g = torch.Generator().manual_seed(1)
+    mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=2, contrast_grid=4,
+                                  stage2_softmax=softmax_mode, prefix_tokens=prefix).double()  # fmt: skip
+    randomise(mod, g)
+    x = torch.randn(B, prefix + H * W, C, generator=g, dtype=torch.float64, requires_grad=True)
+    out = mod(x)
+    expected = reference_vca(mod, x, 2, prefix=prefix)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad, expected_grad = (torch.autograd.grad(y.sum(), x)[0] for y in (out, expected))
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
 def test_vca_rectangular_contrast_grid_and_float32():
