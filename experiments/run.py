@@ -30,11 +30,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
     """train.py and evaluate_fid.py argument lists of one run."""
     run_dir = os.path.join(folder, run_folder(model, attention), f"seed{seed}")
-    train = [*scale.train, "--model", model, "--attention", attention, "--global-seed",
-             str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
+    family = model.split("-")[0]
+    train = [*scale.train, *scale.objectives.get(family, ()), "--model", model, "--attention",
+             attention, "--global-seed", str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
              "--results-dir", run_dir, "--resume"]  # fmt: skip
     ckpt = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
-    sampler = scale.samplers.get(model.split("-")[0], ())
+    sampler = scale.samplers.get(family, ())
     evaluate = [*scale.evaluate, *sampler, "--ckpt", ckpt, "--seed", str(seed),
                 "--sample-dir", os.path.join(run_dir, "eval"),
                 "--json", os.path.join(run_dir, "eval.json"), *extra_eval]  # fmt: skip

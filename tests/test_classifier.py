@@ -2,12 +2,14 @@
 own model where the two must agree, a forward written out by hand for VCA), parameter counts
 against a count from the formulas, and pretrained weights from a file."""
 
+import json
 import logging
 
 import pytest
 import timm
 import torch
 
+from models import __main__ as models_main
 from models.attention import VisualContrastAttention
 from models.classifier import create_classifier, load_timm_weights
 
@@ -137,3 +139,21 @@ def test_bad_requests_are_refused():
     pvt = build(PVT, "vca")
     with pytest.raises(ValueError, match="grid"):
         pvt(torch.randn(1, 3, 96, 96))
+
+
+def test_classification_table_counts_deit_tiny_by_the_closed_forms(tmp_path):
+    """`python -m models --table --classification`: DeiT-T at 224 px against ViT's MAC formula
+    (197 tokens of width 192: 12 N C^2 + 2 N^2 C per block, the patch projection and the head)
+    and VCA's parameters against the formulas with a 7 x 7 contrast grid."""
+    path = tmp_path / "table.json"
+    models_main.main(["--table", "--classification", "--json", str(path)])
+    rows = {(r["model"], r["attention"]): r for r in json.loads(path.read_text())}
+    assert len(rows) == 4 * 3
+    n, c = 197, 192
+    macs = 12 * (12 * n * c * c + 2 * n * n * c) + 196 * 768 * c + c * 1000
+    assert rows[DEIT, "native"]["gmacs"] == pytest.approx(macs / 1e9, rel=1e-3)
+    native = rows[DEIT, "native"]["params"]
+    attention = 12 * (4 * c * c + 4 * c)
+    assert rows[DEIT, "vca"]["params"] == native - attention + 12 * vca_parameters(
+        c, 3, (14, 14), 7
+    )
