@@ -32,8 +32,8 @@ def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
     run_dir = os.path.join(folder, run_folder(model, attention), f"seed{seed}")
     family = model.split("-")[0]
     train = [*scale.train, *scale.objectives.get(family, ()), "--model", model, "--attention",
-             attention, "--global-seed", str(seed), "--max-steps", str(steps), "--ckpt-every", str(max(1, steps // 4)),
-             "--results-dir", run_dir, "--resume"]  # fmt: skip
+             attention, "--global-seed", str(seed), "--max-steps", str(steps), "--ckpt-every",
+             str(max(1, steps // 4)), "--results-dir", run_dir, "--resume"]  # fmt: skip
     ckpt = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
     sampler = scale.samplers.get(family, ())
     evaluate = [*scale.evaluate, *sampler, "--ckpt", ckpt, "--seed", str(seed),
