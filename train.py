@@ -20,9 +20,8 @@ import sys  # noqa: E402
 from common import InputError  # noqa: E402
 from common.cli import ArgumentParser, report  # noqa: E402
 from engine.objective import add_objective_args, objective_from_args  # noqa: E402
-from engine.precision import add_precision_args  # noqa: E402
 from engine.sampling import add_sampler_args, sampler_from_args  # noqa: E402
-from engine.train_config import TrainConfig  # noqa: E402
+from engine.train_config import TrainConfig, add_run_args  # noqa: E402
 from engine.trainer import NonFiniteLoss, Trainer  # noqa: E402
 from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name  # noqa: E402
 
@@ -68,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode the dataset once into DIR (posterior mean/std of each image and "
         "its flip, all ranks in parallel) and train from it",
     )
-    g.add_argument("--num-workers", type=int, default=4, help="data loader workers per process")
 
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -115,61 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_objective_args(parser)
 
-    g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1400, help="epochs (default 1400, as DiT)")
-    g.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop after this many optimizer steps (overrides --epochs)",
-    )
-    g.add_argument(
-        "--global-batch-size",
-        type=int,
-        default=256,
-        help="batch size summed over all processes (default 256)",
-    )
-    g.add_argument("--global-seed", type=int, default=0, help="seed of everything (default 0)")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (default 0.9999)")
-    g.add_argument(
-        "--grad-clip",
-        type=float,
-        default=0.0,
-        help="clip the gradient norm to this value (default 0: no clipping)",
-    )
-    add_precision_args(g)
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_run_args(parser)
 
-    g = parser.add_argument_group("checkpoints, logs, previews")
-    g.add_argument(
-        "--results-dir",
-        default=None,
-        help="run folder for checkpoints, logs and previews (default results/<model>-<attention>)",
-    )
-    g.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="auto|PATH",
-        help="continue from a checkpoint; 'auto' (or the bare flag) takes the newest "
-        "complete one in --results-dir, starting fresh when there is none",
-    )
-    g.add_argument("--log-every", type=int, default=100, help="log every N steps (default 100)")
-    g.add_argument(
-        "--ckpt-every",
-        type=int,
-        default=50_000,
-        help="checkpoint every N steps, and at the end (default 50000)",
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        default=3,
-        help="checkpoints kept, newest first; 0 keeps all (default 3)",
-    )
+    g = parser.add_argument_group("previews")
     g.add_argument(
         "--sample-every",
         type=int,
@@ -182,20 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="guidance scale of the preview (default 1: none)",
-    )
-    g.add_argument(
-        "--tensorboard",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="write TensorBoard event files into the run folder: scalars, preview grids and the "
-        "config (default on; `tensorboard --logdir results` shows every run)",
-    )
-    g.add_argument(
-        "--wandb",
-        metavar="PROJECT",
-        default=None,
-        help="also log to this Weights & Biases project (needs `pip install wandb`; "
-        "WANDB_MODE=offline works without network)",
     )
     add_sampler_args(parser, cfg_scale=None)
     return parser

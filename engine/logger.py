@@ -120,13 +120,8 @@ class RunLogger:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        scalars = {f"train/{key}": record[key] for key in SCALARS if key in record}
-        if self.writer is not None:
-            for tag, value in scalars.items():
-                self.writer.add_scalar(tag, value, record["step"])
-            self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
+        self.scalars({f"train/{key}": record[key] for key in SCALARS if key in record},
+                     record["step"])  # fmt: skip
         if "loss" in record:
             # Drop records a resume rewinds past, so the curve has one value per step.
             while self.loss_steps and self.loss_steps[-1] >= record["step"]:
@@ -136,6 +131,15 @@ class RunLogger:
             self.losses.append(record["loss"])
             if time.monotonic() - self.last_figure >= FIGURE_EVERY_S:
                 self.draw_loss()
+
+    def scalars(self, values: dict, step: int):
+        """{tag: value} to the dashboards at `step`."""
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def draw_loss(self):
         """loss.png from every loss logged so far (matplotlib costs ~0.1 s a figure, so the

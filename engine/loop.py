@@ -48,8 +48,12 @@ class ResumableSampler(DistributedSampler):
         self.start_batch = 0
 
     def set_position(self, epoch: int, start_batch: int):
+        """Also tells a dataset with per-epoch augmentation its epoch, before the loader's
+        workers copy it."""
         self.set_epoch(epoch)
         self.start_batch = start_batch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
     def __iter__(self):
         indices = list(super().__iter__())
@@ -93,6 +97,9 @@ class TrainingLoop:
     def describe(self) -> str:
         """What is trained, for the first log line."""
         raise NotImplementedError
+
+    def before_step(self) -> None:
+        """Per-step settings (a learning-rate schedule), on every rank."""
 
     def after_step(self) -> None:
         """Work at the task's own intervals (previews, evaluations), on every rank."""
@@ -222,7 +229,7 @@ class TrainingLoop:
         config = self.config
         control = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
         per_epoch = self.sampler.batches_per_epoch()
-        total = config.max_steps or config.epochs * per_epoch
+        total = self.total_steps = config.max_steps or config.epochs * per_epoch
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.info(
             f"{self.describe()}, {n_params:,} parameters, {self.info.world_size} "
@@ -251,6 +258,7 @@ class TrainingLoop:
                 np.random.seed(seed % 2**32)  # timm's Mixup draws from numpy and random
                 random.seed(seed)
                 inputs, labels = self.batch_inputs(batch)
+                self.before_step()
                 loss, grad_norm = self.train_step(inputs, labels)
                 finite &= torch.isfinite(loss)
                 self.running += torch.stack([loss, torch.ones((), device=self.device)])

@@ -49,6 +49,7 @@ BACKBONES = (
     "swin_tiny_patch4_window7_224",
 )
 CLASSIFIER_ATTENTIONS = ("native", *ATTENTIONS)
+MIXER_OPTIONS = ("contrast_grid", "stage2_softmax", "dwc")
 
 
 def family_of(name: str) -> str:
@@ -180,21 +181,24 @@ def create_classifier(
     num_classes: int = 1000,
     img_size: int = 224,
     pretrained: str | bool = False,
-    **mixer_options,
+    **options,
 ) -> nn.Module:
     """A timm classifier whose attention is `attention`: "native" keeps timm's own, any of
     models.attention.ATTENTIONS swaps it in (e.g. `create_classifier("deit_tiny_patch16_224",
     attention="vca", contrast_grid=7)`).
 
-    `pretrained`: True loads timm's weights from the Hugging Face hub, a path loads a timm state
-    dict file (.pth / .safetensors); either fills every non-attention parameter (and a ViT's
-    qkv/proj), as `load_timm_weights` reports in the log."""
+    `options`: VCA's (contrast_grid, stage2_softmax, dwc) go to the mixers, the rest to
+    timm.create_model (e.g. patch_size, depth, drop_path_rate). `pretrained`: True loads timm's
+    weights from the Hugging Face hub, a path loads a timm state dict file (.pth /
+    .safetensors); either fills every non-attention parameter (and a ViT's qkv/proj), as
+    `load_timm_weights` reports in the log."""
     if attention not in CLASSIFIER_ATTENTIONS:
         raise ValueError(
             f"unknown attention {attention!r}; choose one of {', '.join(CLASSIFIER_ATTENTIONS)}"
         )
     family = family_of(name)
-    kwargs = {"num_classes": num_classes}
+    mixer_options = {k: options.pop(k) for k in MIXER_OPTIONS if k in options}
+    kwargs = {"num_classes": num_classes, **options}
     if family != "pvt":  # PVT-v2 takes any image size; its grids are read off at swap time
         kwargs["img_size"] = img_size
     if isinstance(pretrained, str):
