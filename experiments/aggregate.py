@@ -15,6 +15,8 @@ METRICS = {
     "class_accuracy": ("class accuracy", True),
     "frechet_distance": ("Frechet distance (demo features)", False),
     "fid": ("FID-50K", False),
+    "top1": ("top-1", True),
+    "top5": ("top-5", True),
 }
 
 

@@ -3,8 +3,10 @@
     python -m experiments.run paper-main --scale demo            # this machine, built-in data
     python -m experiments.run paper-ablation --scale demo
     python -m experiments.run paper-main --scale imagenet        # torchrun and sbatch commands
+    python -m experiments.run paper-classification --scale demo  # DeiT-T-shaped, native vs vca
 
-Each cell x seed is an ordinary train.py run then an evaluate_fid.py run in
+Each cell x seed is an ordinary train.py run then an evaluate_fid.py run (for classification one
+train_classifier.py run, which evaluates itself) in
 <out>/<scale>/<model>-<attention>/seed<k>; tables that share a cell (the full VCA is in both)
 share its runs. A rerun skips the runs whose eval.json exists and resumes the others from their
 newest checkpoint, so a study can be done in parts. At the end <table>.md (mean ± std over
@@ -28,12 +30,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
-    """train.py and evaluate_fid.py argument lists of one run."""
+    """The training and evaluate_fid.py argument lists of one run (no evaluation when the
+    training script scores the run itself)."""
     run_dir = os.path.join(folder, run_folder(model, attention), f"seed{seed}")
     family = model.split("-")[0]
     train = [*scale.train, *scale.objectives.get(family, ()), "--model", model, "--attention",
              attention, "--global-seed", str(seed), "--max-steps", str(steps), "--ckpt-every",
              str(max(1, steps // 4)), "--results-dir", run_dir, "--resume"]  # fmt: skip
+    if scale.evaluate is None:
+        return train, None
     ckpt = os.path.join(run_dir, "checkpoints", f"{steps:07d}.pt")
     sampler = scale.samplers.get(family, ())
     evaluate = [*scale.evaluate, *sampler, "--ckpt", ckpt, "--seed", str(seed),
@@ -42,29 +47,30 @@ def run_commands(model, attention, seed, folder, scale, steps, extra_eval=()):
     return train, evaluate
 
 
-def run_locally(runs, log, jobs: int = 1) -> None:
-    """Each run's train.py, then evaluate_fid.py, as subprocesses, `jobs` runs at a time;
-    finished runs are skipped. Beside each other, runs share the cores' threads (two 1-thread
-    runs train 1.4x faster than two 2-thread runs in turn on 2 cores) and write their output to
-    console.txt in their folder."""
+def run_locally(runs, script: str, log, jobs: int = 1) -> None:
+    """Each run's training `script`, then its evaluate_fid.py (if any), as subprocesses, `jobs`
+    runs at a time; runs whose eval.json exists are skipped. Beside each other, runs share the
+    cores' threads (two 1-thread runs train 1.4x faster than two 2-thread runs in turn on 2
+    cores) and write their output to console.txt in their folder."""
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def one(train, evaluate):
-        json_path = evaluate[evaluate.index("--json") + 1]
+        run_dir = train[train.index("--results-dir") + 1]
+        json_path = os.path.join(run_dir, "eval.json")
         if os.path.exists(json_path):
             log(f"done already: {json_path}")
             return
-        run_dir = train[train.index("--results-dir") + 1]
         os.makedirs(run_dir, exist_ok=True)
-        for script, args in (("train.py", train), ("evaluate_fid.py", evaluate)):
-            log(f"{script} {shlex.join(args)}")
+        steps = [(script, train)] + ([("evaluate_fid.py", evaluate)] if evaluate else [])
+        for name, args in steps:
+            log(f"{name} {shlex.join(args)}")
             if jobs == 1:
-                subprocess.run([sys.executable, script, *args], cwd=REPO, check=True)
+                subprocess.run([sys.executable, name, *args], cwd=REPO, check=True)
                 continue
             with open(os.path.join(run_dir, "console.txt"), "a") as out:
-                subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, check=True,
+                subprocess.run([sys.executable, name, *args], cwd=REPO, env=env, check=True,
                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         log(f"finished: {json_path}")
 
@@ -73,16 +79,19 @@ def run_locally(runs, log, jobs: int = 1) -> None:
             done.result()  # the first failure, once every run has ended
 
 
-def write_cluster_commands(runs, folder, table: str, nodes: int) -> str:
+def write_cluster_commands(runs, script: str, folder, table: str, nodes: int) -> str:
     """<table>.sh: per run the torchrun lines and the chained sbatch submissions."""
-    lines = ["#!/bin/bash", "# torchrun on one node of 8 GPUs per run, or the sbatch pair below"]
+    lines = ["#!/bin/bash", "# torchrun on one node of 8 GPUs per run, or the sbatch jobs below"]
     for train, evaluate in runs:
-        lines.append("torchrun --nproc_per_node=8 train.py " + shlex.join(train))
-        lines.append("torchrun --nproc_per_node=8 evaluate_fid.py " + shlex.join(evaluate))
-        lines.append(
-            f"job=$(sbatch --parsable --nodes={nodes} scripts/slurm/train.sbatch "
-            f"{shlex.join([a for a in train if a != '--resume'])})"
-        )
+        lines.append(f"torchrun --nproc_per_node=8 {script} " + shlex.join(train))
+        if evaluate:
+            lines.append("torchrun --nproc_per_node=8 evaluate_fid.py " + shlex.join(evaluate))
+        submit = f"sbatch --parsable --export=ALL,TRAIN_SCRIPT={script} --nodes={nodes}"
+        resumable = shlex.join([a for a in train if a != "--resume"])
+        if not evaluate:
+            lines.append(f"{submit} scripts/slurm/train.sbatch {resumable}")
+            continue
+        lines.append(f"job=$({submit} scripts/slurm/train.sbatch {resumable})")
         lines.append(
             "sbatch --dependency=afterok:$job --nodes=1 scripts/slurm/evaluate.sbatch "
             + shlex.join(evaluate)
@@ -97,7 +106,7 @@ def write_cluster_commands(runs, folder, table: str, nodes: int) -> str:
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n")[0])
     parser.add_argument("table", choices=list(TABLES), help="which table of the paper")
-    parser.add_argument("--scale", choices=list(SCALES), default="demo", help="(default demo)")
+    parser.add_argument("--scale", choices=SCALES, default="demo", help="(default demo)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     parser.add_argument(
         "--steps", type=int, default=None, help="training steps (default: the scale's)"
@@ -122,10 +131,10 @@ def main(argv=None) -> int:
     parser.add_argument("--nodes", type=int, default=4, help="sbatch nodes at ImageNet scale")
     parser.add_argument("--out", default="studies", help="folder of the studies (default studies)")
     args = parser.parse_args(argv)
-    scale = SCALES[args.scale]
+    table = TABLES[args.table]
+    scale = table.scales[args.scale]
     if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
         parser.error("--seeds, --jobs and --steps must be positive")
-    baseline, _ = TABLES[args.table]
     chosen = cells(args.table, scale)
     if args.only:
         wanted = {tuple(item.split(":", 1)) for item in args.only}
@@ -146,11 +155,12 @@ def main(argv=None) -> int:
         for seed in range(args.seeds)
     ]
     if args.scale == "imagenet":
-        print(f"wrote {write_cluster_commands(runs, folder, args.table, args.nodes)}")
+        path = write_cluster_commands(runs, scale.script, folder, args.table, args.nodes)
+        print(f"wrote {path}")
         return 0
     try:
-        run_locally(runs, lambda line: print(line, flush=True), args.jobs)
-        print(write_summary(folder, args.table, baseline, cells(args.table, scale)))
+        run_locally(runs, scale.script, lambda line: print(line, flush=True), args.jobs)
+        print(write_summary(folder, args.table, table.baseline, cells(args.table, scale)))
     except subprocess.CalledProcessError as err:
         print(f"error: a run failed ({err.cmd[1]}, exit {err.returncode}); rerun to resume it",
               file=sys.stderr)  # fmt: skip

@@ -1,23 +1,31 @@
-"""The paper's generation tables as data: which (model, attention) cells, and at which scale.
+"""The paper's tables as data: which (model, attention) cells, and at which scale.
 
 At demo scale the tiny T width trains on the built-in shapes in pixel space at 32 px with patch
 4: 64 tokens, and a 4 x 4 contrast grid keeps the paper's compression (N / n = 4, as DiT-S/2's
 256 tokens pooled to 8 x 8). Both objectives run: DiT (DDPM) and SiT (flow). At ImageNet scale
-the cells are the paper's models with its recipe (400K steps, batch 256, FID-50K at cfg 1)."""
+the cells are the paper's models with its recipe (400K steps, batch 256, FID-50K at cfg 1).
+
+The classification table trains timm backbones with train_classifier.py, which scores its own
+held-out set (eval.json). At demo scale a DeiT-T-shaped model sees the built-in shapes at 32 px
+in 100 classes (shape x colour) with patch 4: 64 tokens and a 4 x 4 grid, DeiT-T's N/n = 4 at
+224 px with a 7 x 7 grid; at ImageNet scale, DeiT's recipe for 300 epochs."""
 
 from dataclasses import dataclass, field
+
+from models.classifier import BACKBONES
 
 
 @dataclass(frozen=True)
 class Scale:
     """Everything a cell's runs share at one scale."""
 
-    train: tuple[str, ...]  # train.py flags beside --model/--attention/--global-seed
-    evaluate: tuple[str, ...]  # evaluate_fid.py flags beside --ckpt/--seed
-    steps: int
+    train: tuple[str, ...]  # the training script's flags beside --model/--attention/--global-seed
+    evaluate: tuple[str, ...] | None  # evaluate_fid.py flags beside --ckpt/--seed; None: the
+    steps: int  # training script evaluates (train_classifier.py)
     models: dict = field(default_factory=dict)  # the paper's model -> the one run at this scale
     samplers: dict = field(default_factory=dict)  # family -> evaluate_fid.py sampler flags
     objectives: dict = field(default_factory=dict)  # family -> train.py objective flags
+    script: str = "train.py"
 
 
 DEMO = Scale(
@@ -43,26 +51,60 @@ IMAGENET = Scale(
               "--cfg-scale", "1.0"),
     steps=400_000,
 )  # fmt: skip
-SCALES = {"demo": DEMO, "imagenet": IMAGENET}
+CLASSIFY_DEMO = Scale(
+    script="train_classifier.py",
+    train=("--data-path", "synthetic:20000", "--num-classes", "100", "--val-path",
+           "synthetic:2000", "--image-size", "32", "--patch-size", "4", "--contrast-grid", "4",
+           "--global-batch-size", "32", "--lr", "1e-3", "--warmup-steps", "30",
+           "--num-workers", "0", "--log-every", "50", "--no-tensorboard"),
+    evaluate=None,
+    steps=600,
+    models={"deit_tiny_patch16_224": "deit_tiny_patch16_224"},
+)  # fmt: skip
+CLASSIFY_IMAGENET = Scale(
+    script="train_classifier.py",
+    train=("--data-path", "/data/imagenet/train", "--val-path", "/data/imagenet/val",
+           "--image-size", "224", "--global-batch-size", "1024", "--lr", "1e-3",
+           "--warmup-steps", "6255", "--num-workers", "10"),  # 5 of DeiT's 300 epochs
+    evaluate=None,
+    steps=375_300,  # 300 epochs of 1,281,167 images at batch 1024
+)  # fmt: skip
 
-# table -> (baseline attention, [(paper model, attention), ...])
+
+@dataclass(frozen=True)
+class Table:
+    baseline: str  # the attention every other one is compared with
+    pairs: list  # (paper model, attention)
+    scales: dict  # scale name -> Scale
+
+
+GENERATION = {"demo": DEMO, "imagenet": IMAGENET}
 TABLES = {
-    "paper-main": (
+    "paper-main": Table(
         "mhsa",
         [(model, attention) for model in ("DiT-S/2", "DiT-S/4", "DiT-B/2", "SiT-S/2", "SiT-B/2")
          for attention in ("mhsa", "vca")],
+        GENERATION,
     ),
-    "paper-ablation": (
+    "paper-ablation": Table(
         "diffattn",
         [("DiT-S/2", attention) for attention in ("stage1", "stage2", "diffattn", "emb", "vca")],
+        GENERATION,
+    ),
+    # "native" is timm's own attention: DeiT's MHSA, Swin's windows, PVT-v2's spatial reduction
+    "paper-classification": Table(
+        "native",
+        [(model, attention) for model in BACKBONES for attention in ("native", "vca")],
+        {"demo": CLASSIFY_DEMO, "imagenet": CLASSIFY_IMAGENET},
     ),
 }  # fmt: skip
+SCALES = ("demo", "imagenet")
 
 
 def cells(table: str, scale: Scale) -> list[tuple[str, str]]:
     """The (model, attention) pairs run at `scale`: at demo scale each paper model maps to its
     stand-in, and models without one (the /4 and B widths) are left out."""
-    _, pairs = TABLES[table]
+    pairs = TABLES[table].pairs
     if not scale.models:
         return pairs
     return sorted({(scale.models[m], a) for m, a in pairs if m in scale.models})

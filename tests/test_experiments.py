@@ -11,6 +11,7 @@ from torch.distributed.run import get_args_parser
 
 import evaluate_fid
 import train
+import train_classifier
 from experiments import run
 from experiments.aggregate import table, welch_interval
 
@@ -90,3 +91,17 @@ def test_imagenet_scale_writes_commands_that_parse(tmp_path):
         script = {"train.py": train, "evaluate_fid.py": evaluate_fid}[launch.training_script]
         script.build_parser().parse_args(launch.training_script_args)
     assert sum(line.startswith("job=$(sbatch") for line in lines) == 15
+
+
+def test_imagenet_classification_writes_train_classifier_commands_that_parse(tmp_path):
+    assert run.main(["paper-classification", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "imagenet" / "paper-classification.sh").read_text().splitlines()
+    torchruns = [shlex.split(line)[1:] for line in lines if line.startswith("torchrun ")]
+    assert len(torchruns) == 4 * 2 * 3  # 4 backbones, native and vca, 3 seeds; no evaluate_fid
+    for words in torchruns:
+        launch = get_args_parser().parse_args(words)
+        assert launch.training_script == "train_classifier.py"
+        args = train_classifier.build_parser().parse_args(launch.training_script_args)
+        train_classifier.config_from_args(args)  # the config's own checks pass too
+    sbatch = [line for line in lines if line.startswith("sbatch ")]
+    assert len(sbatch) == 24 and all("TRAIN_SCRIPT=train_classifier.py" in s for s in sbatch)
