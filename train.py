@@ -17,12 +17,12 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from common import InputError  # noqa: E402
-from common.cli import ArgumentParser, report  # noqa: E402
+from common.cli import ArgumentParser  # noqa: E402
+from engine.loop import train_main  # noqa: E402
 from engine.objective import add_objective_args, objective_from_args  # noqa: E402
 from engine.sampling import add_sampler_args, sampler_from_args  # noqa: E402
-from engine.train_config import TrainConfig, add_run_args  # noqa: E402
-from engine.trainer import NonFiniteLoss, Trainer  # noqa: E402
+from engine.train_config import TrainConfig, add_run_args, add_vca_args  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
 from models import ATTENTION_HELP, MODEL_NAMES, parse_model_name  # noqa: E402
 
 
@@ -82,24 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="mhsa",
         help="; ".join(f"{k}: {v}" for k, v in ATTENTION_HELP.items()),
     )
-    g.add_argument(
-        "--contrast-grid",
-        type=int,
-        default=8,
-        help="VCA: side of the pooled contrast-token grid (default 8: 64 tokens)",
-    )
-    g.add_argument(
-        "--stage2-softmax",
-        choices=["separate", "joint"],
-        default="separate",
-        help="VCA: two softmaxes over n tokens (paper) or one over 2n (default separate)",
-    )
-    g.add_argument(
-        "--dwc",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="VCA: the 3x3 depthwise-conv branch on v (default on)",
-    )
+    add_vca_args(g, 8, "64 tokens")
     g.add_argument(
         "--learn-sigma",
         action=argparse.BooleanOptionalAction,
@@ -147,16 +130,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        trainer = Trainer(config_from_args(args))
-        trainer.stop_requested |= bool(EARLY_SIGTERM)
-        trainer.run()
-    except InputError as err:
-        return report(err)
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return train_main(lambda: Trainer(config_from_args(args)), EARLY_SIGTERM)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from common import InputError  # noqa: E402
-from common.cli import ArgumentParser, from_flags, report  # noqa: E402
+from common.cli import ArgumentParser, from_flags  # noqa: E402
 from engine.classification import ClassifierConfig, ClassifierTrainer  # noqa: E402
-from engine.loop import NonFiniteLoss  # noqa: E402
-from engine.train_config import add_run_args  # noqa: E402
+from engine.loop import train_main  # noqa: E402
+from engine.train_config import add_run_args, add_vca_args  # noqa: E402
 from models.attention import ATTENTION_HELP  # noqa: E402
 from models.classifier import BACKBONES, CLASSIFIER_ATTENTIONS  # noqa: E402
 
@@ -79,25 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="native: timm's own attention; "
         + "; ".join(f"{k}: {v}" for k, v in ATTENTION_HELP.items()),
     )
-    g.add_argument(
-        "--contrast-grid",
-        type=int,
-        default=d.contrast_grid,
-        help=f"VCA: side of the pooled contrast grid (default {d.contrast_grid}: "
-        "DeiT's 14 x 14 patches pooled 4:1)",
-    )
-    g.add_argument(
-        "--stage2-softmax",
-        choices=["separate", "joint"],
-        default=d.stage2_softmax,
-        help="VCA: two softmaxes over n tokens (paper) or one over 2n",
-    )
-    g.add_argument(
-        "--dwc",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="VCA: the 3x3 depthwise-conv branch on v (default on)",
-    )
+    add_vca_args(g, d.contrast_grid, "DeiT's 14 x 14 patches pooled 4:1")
     g.add_argument(
         "--patch-size",
         type=int,
@@ -186,16 +167,7 @@ def config_from_args(args: argparse.Namespace) -> ClassifierConfig:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        trainer = ClassifierTrainer(config_from_args(args))
-        trainer.stop_requested |= bool(EARLY_SIGTERM)
-        trainer.run()
-    except InputError as err:
-        return report(err)
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return train_main(lambda: ClassifierTrainer(config_from_args(args)), EARLY_SIGTERM)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from PIL import Image
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from common import atomic_write, one_line
@@ -343,20 +342,8 @@ class ClassifierTrainer(TrainingLoop):
             warmup_lr_init=config.min_lr,
             t_in_epochs=False,
         )
-        network = model
-        if self.info.world_size > 1:
-            ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            network = DistributedDataParallel(model, device_ids=ids)
-        return TrainStep(
-            model,
-            network,
-            ClassificationObjective(config, self.num_classes),
-            optimizer,
-            ema,
-            precision=self.precision,
-            ema_decay=config.ema_decay,
-            grad_clip=config.grad_clip,
-        )
+        objective = ClassificationObjective(config, self.num_classes)
+        return self.train_step_for(model, ema, objective, optimizer)
 
     def _load_pretrained(self, model):
         """timm's weights (--pretrained hub) or a timm state dict file into the swapped model."""

@@ -17,10 +17,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common import check_writable, sweep_leftovers
+from common import InputError, check_writable, sweep_leftovers
+from common.cli import report
 
 from . import dist
 from .checkpoint import (
@@ -154,6 +156,17 @@ class TrainingLoop:
         self._resume()
         self.log.start(self.step, self.configs())
         self.sampler, self.loader = self._loader()
+
+    def train_step_for(self, model, ema, objective, optimizer) -> TrainStep:
+        """The TrainStep of a built model: DDP-wrapped over several processes, with the run's
+        precision, EMA decay and clipping."""
+        network = model
+        if self.info.world_size > 1:
+            ids = [self.info.local_rank] if self.device.type == "cuda" else None
+            network = DistributedDataParallel(model, device_ids=ids)
+        config = self.config
+        return TrainStep(model, network, objective, optimizer, ema, precision=self.precision,
+                         ema_decay=config.ema_decay, grad_clip=config.grad_clip)  # fmt: skip
 
     def prepare_dataset(self, data):
         """What the loader reads: `data` itself unless the task caches or wraps it."""
@@ -332,6 +345,21 @@ class TrainingLoop:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def train_main(make_trainer, early_sigterm) -> int:
+    """A training script's main: build the trainer (honouring a SIGTERM that came before it
+    existed) and run it; exit 2 with one line for bad input, 1 for a non-finite loss."""
+    try:
+        trainer = make_trainer()
+        trainer.stop_requested |= bool(early_sigterm)
+        trainer.run()
+    except InputError as err:
+        return report(err)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def peak_memory_gb(device: torch.device) -> float:

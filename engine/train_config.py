@@ -70,6 +70,28 @@ class RunConfig:
         return asdict(self)
 
 
+def add_vca_args(group, contrast_grid: int, grid_note: str) -> None:
+    """--contrast-grid, --stage2-softmax and --dwc, VCA's options in both training scripts."""
+    group.add_argument(
+        "--contrast-grid",
+        type=int,
+        default=contrast_grid,
+        help=f"VCA: side of the pooled contrast-token grid (default {contrast_grid}: {grid_note})",
+    )
+    group.add_argument(
+        "--stage2-softmax",
+        choices=["separate", "joint"],
+        default="separate",
+        help="VCA: two softmaxes over n tokens (paper) or one over 2n (default separate)",
+    )
+    group.add_argument(
+        "--dwc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="VCA: the 3x3 depthwise-conv branch on v (default on)",
+    )
+
+
 def add_run_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """The flags of RunConfig's fields in an "optimisation" and a "checkpoints and logs" group;
     `defaults` replaces a flag's default (by field name) where a script's recipe differs."""

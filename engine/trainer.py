@@ -5,7 +5,6 @@ import os
 import sys
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from common import check_writable
 from data import LatentCacheDataset, build_dataset, build_latent_cache
@@ -90,20 +89,8 @@ class Trainer(TrainingLoop):
         optimizer = create_optimizer(model, config.lr, config.weight_decay)
         if resolve_compile(config.compile, self.device):
             compile_blocks(model)
-        network = model
-        if self.info.world_size > 1:
-            ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            network = DistributedDataParallel(model, device_ids=ids)
-        return TrainStep(
-            model,
-            network,
-            create_objective(self.family, config.objective),
-            optimizer,
-            ema,
-            precision=self.precision,
-            ema_decay=config.ema_decay,
-            grad_clip=config.grad_clip,
-        )
+        objective = create_objective(self.family, config.objective)
+        return self.train_step_for(model, ema, objective, optimizer)
 
     def batch_inputs(self, batch):
         return batch_latents(batch, self.codec, self.device)

@@ -182,8 +182,15 @@ def test_vca_matches_reference(variant, softmax_mode, dwc):
 def test_vca_with_prefix_tokens_matches_reference(prefix, softmax_mode):
     """A ViT's class (and distillation) tokens: off the grid, in both stages."""
     g = torch.Generator().manual_seed(1)
-    mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=2, contrast_grid=4,
-                                  stage2_softmax=softmax_mode, prefix_tokens=prefix).double()  # fmt: skip
+    mod = VisualContrastAttention(
+        C,
+        HEADS,
+        (H, W),
+        layer_index=2,
+        contrast_grid=4,
+        stage2_softmax=softmax_mode,
+        prefix_tokens=prefix,
+    ).double()
     randomise(mod, g)
     x = torch.randn(B, prefix + H * W, C, generator=g, dtype=torch.float64, requires_grad=True)
     out = mod(x)
