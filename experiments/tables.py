@@ -54,11 +54,11 @@ IMAGENET = Scale(
 CLASSIFY_DEMO = Scale(
     script="train_classifier.py",
     train=("--data-path", "synthetic:20000", "--num-classes", "100", "--val-path",
-           "synthetic:2000", "--image-size", "32", "--patch-size", "4", "--contrast-grid", "4",
+           "synthetic:1000", "--image-size", "32", "--patch-size", "4", "--contrast-grid", "4",
            "--global-batch-size", "32", "--lr", "1e-3", "--warmup-steps", "30",
            "--num-workers", "0", "--log-every", "50", "--no-tensorboard"),
     evaluate=None,
-    steps=600,
+    steps=400,
     models={"deit_tiny_patch16_224": "deit_tiny_patch16_224"},
 )  # fmt: skip
 CLASSIFY_IMAGENET = Scale(
