@@ -23,7 +23,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from common import atomic_write, one_line
-from data import ImageFolderDataset, SyntheticShapes
+from data import ImageFolderDataset, SyntheticShapes, synthetic_length
 from data.images import read_rgb
 from models.classifier import (
     CLASSIFIER_ATTENTIONS,
@@ -220,12 +220,11 @@ class FolderPIL:
 
 
 def image_source(path: str, image_size: int, num_classes: int | None, seed: int):
-    """ "synthetic[:N]" (N renders) or an ImageFolder root, as (PIL image, label) items."""
-    if path == "synthetic" or path.startswith("synthetic:"):
-        length = path.partition(":")[2] or "10000"
-        if not length.isdigit() or int(length) < 1:
-            raise UsageError(f"bad dataset {path!r}; use synthetic or synthetic:N, N >= 1")
-        return SyntheticPIL(image_size, num_classes or 10, int(length), seed)
+    """ "synthetic[:N]" (N renders drawn with `seed`) or an ImageFolder root, as (PIL image,
+    label) items."""
+    length = synthetic_length(path)
+    if length is not None:
+        return SyntheticPIL(image_size, num_classes or 10, length, seed)
     source = FolderPIL(path)
     if num_classes is not None and source.num_classes > num_classes:
         raise UsageError(
@@ -307,7 +306,7 @@ class ClassifierTrainer(TrainingLoop):
         val = None
         if config.val_path:
             val = image_source(config.val_path, config.image_size, self.num_classes, 1)
-        elif config.data_path.startswith("synthetic"):
+        elif synthetic_length(config.data_path) is not None:
             val = SyntheticPIL(config.image_size, self.num_classes, SYNTHETIC_VALIDATION, 1)
         eval_transform = timm.data.create_transform(config.image_size, interpolation="bicubic")
         self.validation = None if val is None else AugmentedImages(val, eval_transform)
