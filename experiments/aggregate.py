@@ -35,17 +35,28 @@ def run_folder(model: str, attention: str) -> str:
     return f"{model.replace('/', '-')}-{attention}"
 
 
+PROPORTIONS = ("top1", "top5")  # accuracies whose noise is binomial when none was measured
+
+
 def collect(folder, cells) -> dict:
     """(model, attention) -> metric -> [value per seed], from <cell>/seed*/eval.json of the
-    given cells; a metric's `_bootstrap_se` (its evaluation noise) is collected beside it."""
+    given cells. A metric's evaluation noise is collected beside it as `<metric>_bootstrap_se`:
+    as the evaluation measured it, or for a top-k accuracy over n images the binomial standard
+    error sqrt(p (1 - p) / n), which a bootstrap over the images estimates."""
     found = {}
     for model, attention in cells:
         for path in sorted((Path(folder) / run_folder(model, attention)).glob("seed*/eval.json")):
-            report = json.loads(path.read_text())
+            metrics = json.loads(path.read_text())["metrics"]
             values = found.setdefault((model, attention), {})
-            for metric, value in report["metrics"].items():
+            for metric, value in metrics.items():
                 if metric.removesuffix("_bootstrap_se") in METRICS and isinstance(value, float):
                     values.setdefault(metric, []).append(value)
+            for metric in PROPORTIONS:
+                if metric in metrics and f"{metric}_bootstrap_se" not in metrics:
+                    p, n = metrics[metric], metrics["num_samples"]
+                    values.setdefault(f"{metric}_bootstrap_se", []).append(
+                        math.sqrt(p * (1 - p) / n)
+                    )
     return found
 
 

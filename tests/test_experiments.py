@@ -1,6 +1,7 @@
 """The study runner: skip and resume with tiny real runs, the aggregation's arithmetic against
 scipy, and the ImageNet-scale commands through the real parsers."""
 
+import json
 import os
 import shlex
 
@@ -13,7 +14,7 @@ import evaluate_fid
 import train
 import train_classifier
 from experiments import run
-from experiments.aggregate import table, welch_interval
+from experiments.aggregate import collect, table, welch_interval
 
 
 def test_welch_interval_matches_scipy():
@@ -40,6 +41,18 @@ def test_table_reports_the_evaluations_bootstrap_noise():
     text = table(cells, "mhsa")
     assert "eval noise (SE)" in text.splitlines()[0]
     assert text.splitlines()[-1].endswith("| 0.0150 |")
+
+
+def test_top_k_accuracy_noise_is_binomial(tmp_path):
+    for seed, top1 in enumerate((0.2, 0.3)):
+        run_dir = tmp_path / "deit-vca" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        metrics = {"top1": top1, "top5": 0.5, "num_samples": 1000}
+        (run_dir / "eval.json").write_text(json.dumps({"metrics": metrics}))
+    values = collect(tmp_path, [("deit", "vca")])[("deit", "vca")]
+    assert values["top1"] == [0.2, 0.3]
+    expected = [np.sqrt(0.2 * 0.8 / 1000), np.sqrt(0.3 * 0.7 / 1000)]
+    assert values["top1_bootstrap_se"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
