@@ -5,6 +5,7 @@ one, and refuses bad input with one line."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -132,3 +133,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, messa
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not results.exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path, monkeypatch):
+    """The shared loop's preemption path: a SIGTERM during step 3 of 50 saves step 3, exits 0."""
+    from engine.classification import ClassifierTrainer
+
+    before_step = ClassifierTrainer.before_step
+
+    def signalling(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        before_step(self)
+
+    monkeypatch.setattr(ClassifierTrainer, "before_step", signalling)
+    try:
+        assert train_classifier.main(tiny(tmp_path / "run", "--ckpt-every", "100", steps=50)) == 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000003.pt"]
+    assert "SIGTERM" in (tmp_path / "run" / "log.txt").read_text()
