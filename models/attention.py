@@ -168,6 +168,10 @@ def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
     return torch.softmax(normalised, -1, dtype=scores.dtype).view(streams)
 
 
+MAP_CHUNK_ENTRIES = 1 << 20  # maps larger than 4 MB of fp32 are formed in MAP_CHUNKS parts
+MAP_CHUNKS = 4
+
+
 @custom_op("stream_difference")
 def stream_difference_op(
     query: torch.Tensor,
@@ -186,12 +190,30 @@ def stream_difference_op(
     scores both streams, and the difference of the maps is taken before the values are
     multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream.
 
+    Products with more than MAP_CHUNK_ENTRIES map entries run in MAP_CHUNKS groups of heads
+    into the output, so that the maps of all heads never coexist (at 4096 tokens they would add
+    half the layer's peak memory); a handful of groups keeps every kernel large.
+
     The backward recomputes the maps instead of keeping them, as flash attention does: a
     layer's saved activations hold no (N x 2n) map per head, at the price of one more
     query @ key^T product and softmax. A custom op, so that torch.compile runs the same
     kernels: traced, its partitioner would fold the recompute back into saved maps, and each
     block would compile a dozen more generated kernels (1.55x MHSA's compile time, against
     1.36x as an opaque op)."""
+    heads = query.shape[:-2].numel()
+    if heads == 1 or heads * query.shape[-2] * key.shape[-2] <= MAP_CHUNK_ENTRIES:
+        return _stream_difference(query, key, value, lam, in_keys, joint)
+    rows = query.shape[-2] if in_keys else query.shape[-2] // 2
+    out = query.new_empty(*query.shape[:-2], rows, value.shape[-1])
+    flat = [t.reshape(heads, *t.shape[-2:]) for t in (query, key, value, out)]
+    step = -(-heads // MAP_CHUNKS)
+    for start in range(0, heads, step):
+        part = [t[start : start + step] for t in flat[:3]]
+        flat[3][start : start + step] = _stream_difference(*part, lam, in_keys, joint)
+    return out
+
+
+def _stream_difference(query, key, value, lam, in_keys, joint):
     pos, neg = stream_maps(query, key, in_keys, joint).unbind(-2 if in_keys else -3)
     return torch.addcmul(pos, neg, lam, value=-1) @ value
 

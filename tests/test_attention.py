@@ -9,6 +9,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils.flop_counter import FlopCounterMode
 
+from models import attention
 from models.attention import (
     ATTENTIONS,
     DifferentialAttention,
@@ -457,3 +458,30 @@ def test_vca_under_bf16_autocast_stays_close_to_float64(softmax_mode):
     assert out.dtype == torch.bfloat16
     assert (out.double() - expected).norm() < 0.015 * expected.norm()
     assert (grad.double() - expected_grad).norm() < 0.015 * expected_grad.norm()
+
+
+@pytest.mark.parametrize("in_keys, joint", [(False, False), (True, False), (True, True)])
+def test_stream_difference_in_chunks_of_heads_equals_all_heads_at_once(monkeypatch, in_keys, joint):
+    """The forward's head chunks (as at 4096 tokens) give the one-product result, and hold
+    fewer bytes at their peak."""
+    from bench.attention import LiveTensorBytes
+
+    g = torch.Generator().manual_seed(0)
+    B_, M_, N_, n_ = 2, 3, 64, 16  # maps (2n per row) outweigh the output (d per row)
+    rows = N_ if in_keys else 2 * n_
+    cols = 2 * n_ if in_keys else N_
+    query = torch.randn(B_, M_, rows, D, generator=g, dtype=torch.float64)
+    key = torch.randn(B_, M_, cols, D, generator=g, dtype=torch.float64)
+    value = torch.randn(B_, M_, n_ if in_keys else N_, D, generator=g, dtype=torch.float64)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+
+    def peak_and_result():
+        with LiveTensorBytes() as counter, InlineCustomOps():
+            out = attention.stream_difference_op(query, key, value, lam, in_keys, joint)
+        return counter.peak, out
+
+    whole_peak, whole = peak_and_result()
+    monkeypatch.setattr(attention, "MAP_CHUNK_ENTRIES", rows * cols)  # 3 chunks of 2 heads
+    chunked_peak, chunked = peak_and_result()
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    assert chunked_peak < whole_peak
