@@ -14,6 +14,7 @@ seeds, the difference to the table's baseline with a 95% Welch interval, the eva
 noise) and <table>.png are written beside the runs.
 """
 
+import json
 import os
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from common import InputError
 from common.cli import ArgumentParser, report
+from engine.errors import UsageError
 
 from .aggregate import run_folder, write_summary
 from .tables import SCALES, TABLES, cells
@@ -60,6 +62,7 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
         run_dir = train[train.index("--results-dir") + 1]
         json_path = os.path.join(run_dir, "eval.json")
         if os.path.exists(json_path):
+            check_budget(json_path, int(train[train.index("--max-steps") + 1]))
             log(f"done already: {json_path}")
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -77,6 +80,21 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for done in [pool.submit(one, *run) for run in runs]:
             done.result()  # the first failure, once every run has ended
+
+
+def check_budget(json_path: str, steps: int) -> None:
+    """A finished run counts only for the same number of steps: another budget is another
+    study, in another --out folder, not a silent mix."""
+    with open(json_path) as f:
+        report = json.load(f)
+    done = report.get("step")
+    if done is None:  # evaluate_fid.py's report names the checkpoint, <step>.pt
+        done = int(os.path.basename(report["checkpoint"]).split(".")[0])
+    if done != steps:
+        raise UsageError(
+            f"{os.path.dirname(json_path)} holds a run of {done} steps, not {steps}; "
+            "put a study with another budget in another --out folder"
+        )
 
 
 def write_cluster_commands(runs, script: str, folder, table: str, nodes: int) -> str:

@@ -79,6 +79,11 @@ def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     log = (folder / "DiT-T-4-mhsa" / "seed0" / "log.txt").read_text()
     assert "resumed from" in log and "0000001.pt at step 1" in log
 
+    # another budget in the same folder is refused, not mixed in
+    longer = [*argv[:9], "3", *argv[10:]]
+    assert longer[8:10] == ["--steps", "3"] and run.main(longer) == 2
+    assert "holds a run of 2 steps, not 3" in capsys.readouterr().err
+
     # the ablation table shares the full VCA's runs and summarises only its own cells
     ablation = ["paper-ablation", *argv[1:3], "--only", "DiT-T/4:vca", *argv[5:]]
     assert run.main(ablation) == 0
