@@ -10,8 +10,9 @@ a function of the step; so a resumed run repeats the same steps."""
 import json
 import math
 import os
+import pickle
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import timm.data
@@ -29,7 +30,6 @@ from models.classifier import (
     CLASSIFIER_ATTENTIONS,
     create_classifier,
     family_of,
-    load_timm_weights,
 )
 
 from . import dist
@@ -115,31 +115,39 @@ class ClassifierConfig(RunConfig):
         return {**{key: getattr(self, key) for key in keys}, "num_classes": num_classes}
 
 
-def build_network(config: ClassifierConfig, num_classes: int) -> torch.nn.Module:
-    """The timm classifier of `config` with its token mixer, freshly initialised."""
+def build_network(config: ClassifierConfig, num_classes: int, report_to=None) -> torch.nn.Module:
+    """The timm classifier of `config` with its token mixer: freshly initialised, or from
+    --pretrained (timm's loader; `report_to` gets the line naming the new and unused keys)."""
     options = {"drop_path_rate": config.drop_path}
     if config.patch_size:
         options["patch_size"] = config.patch_size
-    if config.attention not in ("native", "mhsa", "diffattn"):
-        options.update(
-            contrast_grid=config.contrast_grid, stage2_softmax=config.stage2_softmax, dwc=config.dwc
-        )
+    pretrained = {None: False, "hub": True}.get(config.pretrained, config.pretrained)
     try:
         return create_classifier(
             config.model,
             config.attention,
             num_classes=num_classes,
             img_size=config.image_size,
+            pretrained=pretrained,
+            report_to=report_to,
+            contrast_grid=config.contrast_grid,
+            stage2_softmax=config.stage2_softmax,
+            dwc=config.dwc,
             **options,
         )
     except (ValueError, TypeError, AssertionError) as err:
         raise UsageError(f"cannot build {config.model} with these settings: {err}") from None
+    except (RuntimeError, OSError, pickle.UnpicklingError) as err:
+        raise UsageError(f"cannot load --pretrained {config.pretrained}: {one_line(err)}") from None
 
 
 def check_network(config: ClassifierConfig, num_classes: int) -> None:
-    """Build the network and pass one image through it, so that settings timm cannot honour
-    (an image size the patches or stages do not divide) fail before the run folder exists."""
-    network = build_network(config, num_classes).eval()
+    """Build the network on the meta device (no memory, no weights, no random draws) and pass
+    one image through it, so that settings timm cannot honour (an image size the patches or
+    stages do not divide) fail before the run folder exists."""
+    with torch.device("meta"):
+        network = build_network(replace(config, pretrained=None), num_classes).eval()
+        image = torch.zeros(1, 3, config.image_size, config.image_size)
     if family_of(config.model) == "vit":  # timm would silently drop the pixels left over
         patch = network.patch_embed.patch_size[0]
         if config.image_size % patch:
@@ -149,7 +157,7 @@ def check_network(config: ClassifierConfig, num_classes: int) -> None:
             )
     try:
         with torch.no_grad():
-            network(torch.zeros(1, 3, config.image_size, config.image_size))
+            network(image)
     except (RuntimeError, ValueError, AssertionError) as err:
         raise UsageError(
             f"{config.model} cannot take {config.image_size} px images with these settings: "
@@ -324,18 +332,14 @@ class ClassifierTrainer(TrainingLoop):
     def build_train_step(self) -> TrainStep:
         config = self.config
         torch.manual_seed(config.global_seed)
-        model = build_network(config, self.num_classes)
-        if config.pretrained:
-            self._load_pretrained(model)
-        model = model.to(self.device)
+        model = build_network(config, self.num_classes, report_to=self.log.info).to(self.device)
         ema = create_ema(model)
         optimizer = create_optimizer_v2(
             model, "adamw", lr=config.lr, weight_decay=config.weight_decay
         )
-        total = config.max_steps or config.epochs * (len(self.dataset) // config.global_batch_size)
         self.schedule = CosineLRScheduler(
             optimizer,
-            t_initial=max(1, total),
+            t_initial=self.total_steps,
             lr_min=config.min_lr,
             warmup_t=config.warmup_steps,
             warmup_lr_init=config.min_lr,
@@ -343,31 +347,6 @@ class ClassifierTrainer(TrainingLoop):
         )
         objective = ClassificationObjective(config, self.num_classes)
         return self.train_step_for(model, ema, objective, optimizer)
-
-    def _load_pretrained(self, model):
-        """timm's weights (--pretrained hub) or a timm state dict file into the swapped model."""
-        config = self.config
-        source = config.pretrained
-        if source == "hub":
-            native = create_classifier(
-                config.model,
-                "native",
-                num_classes=self.num_classes,
-                img_size=config.image_size,
-                pretrained=True,
-            )
-            state = native.state_dict()
-        else:
-            try:
-                state = torch.load(source, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise UsageError(f"cannot read --pretrained {source}: {err}") from None
-            state = state.get("state_dict", state.get("model", state))
-        report = load_timm_weights(model, state)
-        self.log.info(
-            f"pretrained {source}: {len(report.loaded)} tensors loaded; new: "
-            f"{report.new}; unused: {report.unused}"
-        )
 
     def before_step(self):
         self.schedule.step_update(self.step)

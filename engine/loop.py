@@ -84,7 +84,8 @@ class TrainingLoop:
         raise NotImplementedError
 
     def build_train_step(self) -> TrainStep:
-        """The network (same initial weights on every rank), EMA, optimizer and loss."""
+        """The network (same initial weights on every rank), EMA, optimizer and loss; the run's
+        length (`total_steps`) is known by then."""
         raise NotImplementedError
 
     def batch_inputs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,13 +150,14 @@ class TrainingLoop:
             if swept:
                 self.log.info(f"removed {len(swept)} files of interrupted checkpoint writes")
         self.dataset = self.prepare_dataset(data)
+        self.sampler, self.loader = self._loader()
+        self.total_steps = config.max_steps or config.epochs * self.sampler.batches_per_epoch()
         self.train_step = self.build_train_step()
         self.model, self.ema = self.train_step.model, self.train_step.ema
         self.opt = self.train_step.optimizer
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
         self.log.start(self.step, self.configs())
-        self.sampler, self.loader = self._loader()
 
     def train_step_for(self, model, ema, objective, optimizer) -> TrainStep:
         """The TrainStep of a built model: DDP-wrapped over several processes, with the run's
@@ -165,8 +167,16 @@ class TrainingLoop:
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
             network = DistributedDataParallel(model, device_ids=ids)
         config = self.config
-        return TrainStep(model, network, objective, optimizer, ema, precision=self.precision,
-                         ema_decay=config.ema_decay, grad_clip=config.grad_clip)  # fmt: skip
+        return TrainStep(
+            model,
+            network,
+            objective,
+            optimizer,
+            ema,
+            precision=self.precision,
+            ema_decay=config.ema_decay,
+            grad_clip=config.grad_clip,
+        )
 
     def prepare_dataset(self, data):
         """What the loader reads: `data` itself unless the task caches or wraps it."""
@@ -241,8 +251,7 @@ class TrainingLoop:
     def _loop(self):
         config = self.config
         control = torch_dist.new_group(backend="gloo") if torch_dist.is_initialized() else None
-        per_epoch = self.sampler.batches_per_epoch()
-        total = self.total_steps = config.max_steps or config.epochs * per_epoch
+        per_epoch, total = self.sampler.batches_per_epoch(), self.total_steps
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log.info(
             f"{self.describe()}, {n_params:,} parameters, {self.info.world_size} "

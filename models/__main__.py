@@ -49,9 +49,8 @@ def forward_gmacs(model, *inputs) -> float:
 
 def count_classifier(name: str, attention: str, contrast_grid: int = 7) -> dict:
     """Parameters and forward GMACs of a timm classifier at 224 px with `attention`."""
-    options = {} if attention in ("native", "mhsa", "diffattn") else {"contrast_grid": 7}
     with torch.device("meta"):
-        model = create_classifier(name, attention, **options)
+        model = create_classifier(name, attention, contrast_grid=contrast_grid)
         image = torch.empty(1, 3, 224, 224)
     return {
         "model": name,

@@ -112,8 +112,8 @@ def attention_sites(model: nn.Module, family: str, img_size: int) -> list[Attent
         for block in (b for stage in model.layers for b in stage.blocks):
             grid = tuple(block.input_resolution)
             block.set_input_size(grid, grid)
-            sites.append(AttentionSite(block, block.attn.qkv.in_features, block.attn.num_heads,
-                                       grid, 0))  # fmt: skip
+            attn = block.attn
+            sites.append(AttentionSite(block, attn.qkv.in_features, attn.num_heads, grid, 0))
         return sites
     sites, side = [], img_size  # PVT-v2: each stage's grid from its strided patch conv
     embeds = [model.patch_embed, *(stage.downsample for stage in model.stages[1:])]
@@ -131,7 +131,8 @@ def swap_attention(
     model: nn.Module, family: str, attention: str, img_size: int, **mixer_options
 ) -> nn.Module:
     """Replace every block's attention of a timm `model` with the project's `attention` mixer
-    (block index = depth, for the differential lambda schedule); `mixer_options` go to VCA."""
+    (block index = depth, for the differential lambda schedule); `mixer_options` go to VCA
+    (build_attention hands them to the VCA variants only)."""
     if attention not in ATTENTIONS:
         raise ValueError(
             f"unknown attention {attention!r}; choose one of {', '.join(CLASSIFIER_ATTENTIONS)}"
@@ -139,11 +140,10 @@ def swap_attention(
     device = next(model.parameters()).device
     sites = attention_sites(model, family, img_size)
     for index, site in enumerate(sites):
-        options = dict(mixer_options)
-        if site.prefix_tokens and attention not in ("mhsa", "diffattn"):
-            options["prefix_tokens"] = site.prefix_tokens
-        mixer = build_attention(attention, site.dim, site.num_heads, site.grid_size, index,
-                                **options)  # fmt: skip
+        options = {**mixer_options, "prefix_tokens": site.prefix_tokens}
+        mixer = build_attention(
+            attention, site.dim, site.num_heads, site.grid_size, index, **options
+        )
         site.block.attn = GlobalAttention(mixer, site.grid_size).to(device)
     return model
 
@@ -181,6 +181,7 @@ def create_classifier(
     num_classes: int = 1000,
     img_size: int = 224,
     pretrained: str | bool = False,
+    report_to=None,
     **options,
 ) -> nn.Module:
     """A timm classifier whose attention is `attention`: "native" keeps timm's own, any of
@@ -191,7 +192,7 @@ def create_classifier(
     timm.create_model (e.g. patch_size, depth, drop_path_rate). `pretrained`: True loads timm's
     weights from the Hugging Face hub, a path loads a timm state dict file (.pth /
     .safetensors); either fills every non-attention parameter (and a ViT's qkv/proj), as
-    `load_timm_weights` reports in the log."""
+    `load_timm_weights` reports in one line to `report_to` (default: this module's logger)."""
     if attention not in CLASSIFIER_ATTENTIONS:
         raise ValueError(
             f"unknown attention {attention!r}; choose one of {', '.join(CLASSIFIER_ATTENTIONS)}"
@@ -210,6 +211,7 @@ def create_classifier(
     swap_attention(model, family, attention, img_size, **mixer_options)
     if state is not None:
         report = load_timm_weights(model, state)
-        log.info("%s: %d keys loaded, new: %s; unused: %s", name, len(report.loaded),
-                 report.new, report.unused)  # fmt: skip
+        (report_to or log.info)(
+            f"{name}: {len(report.loaded)} keys loaded, new: {report.new}; unused: {report.unused}"
+        )
     return model

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -153,3 +154,22 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path, monkeypatch):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000003.pt"]
     assert "SIGTERM" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_pretrained_file_loads_through_timm_and_the_log_names_the_new_keys(tmp_path):
+    """A timm state dict (nested under "state_dict", as timm's own checkpoints are) starts a
+    VCA run: every tensor that fits is loaded, and log.txt names VCA's own parameters."""
+    args = train_classifier.build_parser().parse_args(tiny(tmp_path / "unused"))
+    config = replace(train_classifier.config_from_args(args), attention="native")
+    torch.manual_seed(1)
+    native = build_network(config, 10)
+    torch.save({"state_dict": native.state_dict()}, tmp_path / "native.pth")
+    results = tmp_path / "run"
+    flags = tiny(results, "--pretrained", str(tmp_path / "native.pth"), "--lr", "1e-12",
+                 "--min-lr", "0", steps=1)  # fmt: skip
+    assert train_classifier.main(flags) == 0
+    log = (results / "log.txt").read_text()
+    assert "keys loaded" in log and "blocks.0.attn.mixer.contrast_pos" in log
+    state = load_checkpoint(str(results / "checkpoints" / "0000001.pt"))["model"]
+    torch.testing.assert_close(state["patch_embed.proj.weight"], native.patch_embed.proj.weight,
+                               rtol=1e-6, atol=1e-9)  # fmt: skip
