@@ -41,15 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--data-path",
         required=True,
-        help="ImageFolder root (one folder per class), or 'synthetic' / 'synthetic:N' "
-        "for the built-in shapes (classes are shape x colour pairs)",
+        help="ImageFolder root (one folder per class); or the built-in shapes, N renders: "
+        "'synthetic[:N]' (classes are shape x colour pairs, up to 100) or 'synthetic-shape[:N]' "
+        "(classes are the 10 shapes, each image in a random colour)",
     )
     g.add_argument(
         "--val-path",
         default=None,
-        help="ImageFolder of held-out images for top-1/top-5, or synthetic:N renders (default: "
-        "2000 held-out "
-        "renders for synthetic data, otherwise no evaluation)",
+        help="ImageFolder of held-out images for top-1/top-5, or held-out synthetic[-shape]:N "
+        "renders labelled like --data-path (default: 2000 held-out renders for the built-in "
+        "shapes, otherwise no evaluation)",
     )
     g.add_argument(
         "--image-size",
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-classes",
         type=int,
         default=None,
-        help="classes (default: the dataset's; 10 for synthetic, up to 100)",
+        help="classes (default: the dataset's; 10 for the built-in shapes, up to 100 for "
+        "synthetic, 10 for synthetic-shape)",
     )
 
     g = parser.add_argument_group("model")
@@ -117,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.label_smoothing,
         help=f"(default {d.label_smoothing})",
+    )
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        default=d.crop_scale,
+        help="smallest area fraction of the random resized crop (default "
+        f"{d.crop_scale}; a small object in a 32 px image needs more, e.g. 0.5)",
     )
     g.add_argument(
         "--mixup", type=float, default=d.mixup, help=f"Mixup alpha, 0 off (default {d.mixup})"

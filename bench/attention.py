@@ -107,7 +107,9 @@ def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, par
 
 class LiveTensorBytes(TorchDispatchMode):
     """Counts the bytes of the tensor storages that ops create while it is active and that are
-    still alive, and keeps the peak (views and in-place results add nothing)."""
+    still alive, and keeps the peak. Views and in-place results share an input's storage and
+    add nothing, so the weights and the input, made before, are not counted (as on CUDA, where
+    the allocator's peak is taken above what was allocated before the call)."""
 
     def __init__(self):
         super().__init__()
@@ -115,13 +117,19 @@ class LiveTensorBytes(TorchDispatchMode):
         self.storages = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
             storage = t.untyped_storage()
             key, size = storage.data_ptr(), storage.nbytes()
-            if size and key not in self.storages:
+            if size and key not in self.storages and key not in inputs:
                 self.storages.add(key)
                 self.live += size
                 self.peak = max(self.peak, self.live)

@@ -1,5 +1,7 @@
 """Image datasets (ImageFolder with ADM's centre crop, built-in synthetic shapes), latent cache."""
 
+from typing import NamedTuple
+
 from .errors import DataError
 from .images import ImageFolderDataset, center_crop_arr, iter_folder_images
 from .latent_cache import LatentCacheDataset, build_latent_cache
@@ -12,28 +14,42 @@ __all__ = [
     "SyntheticShapes",
     "build_dataset",
     "build_latent_cache",
-    "synthetic_length",
+    "SyntheticSpec",
+    "synthetic_spec",
     "center_crop_arr",
     "iter_folder_images",
 ]
 
 
-def synthetic_length(data_path: str) -> int | None:
-    """N for "synthetic:N" (10000 for "synthetic"), None for any other path (an image folder)."""
-    if data_path != "synthetic" and not data_path.startswith("synthetic:"):
+class SyntheticSpec(NamedTuple):
+    length: int
+    shape_only: bool
+
+
+def synthetic_spec(data_path: str) -> SyntheticSpec | None:
+    """The built-in shapes named by "synthetic[:N]" (classes are shape x colour pairs) or
+    "synthetic-shape[:N]" (classes are shapes, colours random); N defaults to 10000. None for
+    any other path (an image folder)."""
+    name, _, length = data_path.partition(":")
+    if name not in ("synthetic", "synthetic-shape"):
         return None
-    length = data_path.partition(":")[2] or "10000"
+    length = length or ("" if ":" in data_path else "10000")
     if not length.isdigit() or int(length) < 1:
-        raise DataError(f"bad dataset {data_path!r}; use synthetic or synthetic:N, N >= 1")
-    return int(length)
+        raise DataError(f"bad dataset {data_path!r}; use {name} or {name}:N, N >= 1")
+    return SyntheticSpec(int(length), name == "synthetic-shape")
 
 
 def build_dataset(data_path: str, image_size: int, num_classes: int | None = None):
     """ "synthetic" or "synthetic:N" (N images) -> SyntheticShapes; anything else an image folder.
     A folder with more classes than the model's num_classes is refused up front."""
-    length = synthetic_length(data_path)
-    if length is not None:
-        return SyntheticShapes(image_size, num_classes or 10, length)
+    synthetic = synthetic_spec(data_path)
+    if synthetic is not None and synthetic.shape_only:
+        raise DataError(
+            f"{data_path}: shape-only classes are for train_classifier.py; generation uses "
+            "'synthetic' (shape x colour), the classes evaluate_fid.py --ref synthetic scores"
+        )
+    if synthetic is not None:
+        return SyntheticShapes(image_size, num_classes or 10, synthetic.length)
     dataset = ImageFolderDataset(data_path, image_size)
     if num_classes is not None and dataset.num_classes > num_classes:
         raise DataError(

@@ -2,8 +2,10 @@
 
 Each class is a (shape, colour) pair; the first ten use ten shapes with ten colours, so they
 differ both ways and a glance at a 32 px grid (or a small classifier) tells whether a generated
-sample matches its label. Scenes are drawn in unit coordinates from an RNG keyed on
-(seed, index), so an index shows the same scene at every resolution.
+sample matches its label. With `shape_only` a class is a shape alone and each image's colour is
+drawn at random, so a classifier cannot name the class from the colour. Scenes are drawn in unit
+coordinates from an RNG keyed on (seed, index), so an index shows the same scene at every
+resolution.
 """
 
 import math
@@ -78,11 +80,24 @@ def class_style(label: int) -> tuple[str, str]:
 class SyntheticShapes(torch.utils.data.Dataset):
     """Index i -> (image in [-1, 1], i % num_classes), a pure function of (seed, i, image_size)."""
 
-    def __init__(self, image_size: int, num_classes: int = 10, length: int = 10_000, seed: int = 0):
-        if not 1 <= num_classes <= len(SHAPES) * len(COLOURS):
-            raise DataError(f"synthetic data has 1..100 classes, not {num_classes}")
+    def __init__(
+        self,
+        image_size: int,
+        num_classes: int = 10,
+        length: int = 10_000,
+        seed: int = 0,
+        shape_only: bool = False,
+    ):
+        most = len(SHAPES) if shape_only else len(SHAPES) * len(COLOURS)
+        if not 1 <= num_classes <= most:
+            kind = "shape-only synthetic" if shape_only else "synthetic"
+            raise DataError(f"{kind} data has 1..{most} classes, not {num_classes}")
         self.image_size, self.length, self.seed = image_size, length, seed
-        self.classes = [" ".join(reversed(class_style(c))) for c in range(num_classes)]
+        self.shape_only = shape_only
+        if shape_only:
+            self.classes = list(SHAPES[:num_classes])
+        else:
+            self.classes = [" ".join(reversed(class_style(c))) for c in range(num_classes)]
 
     @property
     def num_classes(self) -> int:
@@ -98,13 +113,16 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return to_tensor(self.render(index, label)), label
 
     def render(self, index: int, label: int) -> np.ndarray:
-        """uint8 HWC: a gradient background, one jittered shape in a jittered class colour."""
+        """uint8 HWC: a gradient background, one jittered shape in a jittered class colour (a
+        random colour for shape-only classes)."""
         rng = np.random.default_rng((self.seed, index))
         top, bottom = rng.uniform(10, 60, size=(2, 3))
         cx, cy = 0.5 + rng.uniform(-0.1, 0.1, size=2)
         radius = rng.uniform(0.22, 0.3)
         angle = math.radians(rng.uniform(-15, 15))
         shape, colour = class_style(label)
+        if self.shape_only:
+            colour = list(COLOURS)[rng.integers(len(COLOURS))]
         colour = np.clip(
             np.array(COLOURS[colour]) * rng.uniform(0.8, 1.05) + rng.uniform(-12, 12, size=3),
             0,

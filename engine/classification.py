@@ -24,7 +24,7 @@ from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
 from common import atomic_write, one_line
-from data import ImageFolderDataset, SyntheticShapes, synthetic_length
+from data import ImageFolderDataset, SyntheticShapes, SyntheticSpec, synthetic_spec
 from data.images import read_rgb
 from models.classifier import (
     CLASSIFIER_ATTENTIONS,
@@ -66,6 +66,7 @@ class ClassifierConfig(RunConfig):
     weight_decay: float = 0.05
     ema_decay: float = 0.0  # 0: no EMA (evaluated weights are the model's)
     label_smoothing: float = 0.1
+    crop_scale: float = 0.08  # RandomResizedCrop's smallest area fraction
     mixup: float = 0.8
     cutmix: float = 1.0
     randaugment: str | None = "rand-m9-mstd0.5-inc1-mmax9"
@@ -87,6 +88,7 @@ class ClassifierConfig(RunConfig):
                 ("--min-lr", finite(self.min_lr) and 0 <= self.min_lr <= self.lr, "in [0, --lr]"),
                 ("--warmup-steps", self.warmup_steps >= 0, "0 or more"),
                 ("--label-smoothing", 0 <= self.label_smoothing < 1, "in [0, 1)"),
+                ("--crop-scale", 0 < self.crop_scale <= 1, "in (0, 1]"),
                 ("--mixup", finite(self.mixup) and self.mixup >= 0, "0 (off) or more"),
                 ("--cutmix", finite(self.cutmix) and self.cutmix >= 0, "0 (off) or more"),
                 ("--reprob", 0 <= self.reprob <= 1, "in [0, 1]"),
@@ -198,11 +200,12 @@ class AugmentedImages(torch.utils.data.Dataset):
 
 
 class SyntheticPIL:
-    """The built-in shapes as PIL images (classes: shape x colour, see data.synthetic)."""
+    """The built-in shapes as PIL images (classes: shape x colour, or shape, see data.synthetic)."""
 
-    def __init__(self, image_size: int, num_classes: int, length: int, seed: int):
-        self.shapes = SyntheticShapes(image_size, num_classes, length, seed)
+    def __init__(self, image_size: int, num_classes: int, spec: SyntheticSpec, seed: int):
+        self.shapes = SyntheticShapes(image_size, num_classes, spec.length, seed, spec.shape_only)
         self.num_classes = num_classes
+        self.shape_only = spec.shape_only
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -228,11 +231,11 @@ class FolderPIL:
 
 
 def image_source(path: str, image_size: int, num_classes: int | None, seed: int):
-    """ "synthetic[:N]" (N renders drawn with `seed`) or an ImageFolder root, as (PIL image,
-    label) items."""
-    length = synthetic_length(path)
-    if length is not None:
-        return SyntheticPIL(image_size, num_classes or 10, length, seed)
+    """ "synthetic[:N]" or "synthetic-shape[:N]" (N renders drawn with `seed`) or an ImageFolder
+    root, as (PIL image, label) items."""
+    spec = synthetic_spec(path)
+    if spec is not None:
+        return SyntheticPIL(image_size, num_classes or 10, spec, seed)
     source = FolderPIL(path)
     if num_classes is not None and source.num_classes > num_classes:
         raise UsageError(
@@ -305,6 +308,7 @@ class ClassifierTrainer(TrainingLoop):
         train_transform = timm.data.create_transform(
             config.image_size,
             is_training=True,
+            scale=(config.crop_scale, 1.0),
             auto_augment=config.randaugment,
             re_prob=config.reprob,
             interpolation="bicubic",
@@ -314,8 +318,15 @@ class ClassifierTrainer(TrainingLoop):
         val = None
         if config.val_path:
             val = image_source(config.val_path, config.image_size, self.num_classes, 1)
-        elif synthetic_length(config.data_path) is not None:
-            val = SyntheticPIL(config.image_size, self.num_classes, SYNTHETIC_VALIDATION, 1)
+        elif isinstance(source, SyntheticPIL):
+            spec = SyntheticSpec(SYNTHETIC_VALIDATION, source.shape_only)
+            val = SyntheticPIL(config.image_size, self.num_classes, spec, 1)
+        synthetic = isinstance(source, SyntheticPIL) and isinstance(val, SyntheticPIL)
+        if synthetic and val.shape_only != source.shape_only:
+            raise UsageError(
+                f"--data-path {config.data_path} and --val-path {config.val_path} label the "
+                "shapes differently (synthetic: shape x colour, synthetic-shape: shape)"
+            )
         eval_transform = timm.data.create_transform(config.image_size, interpolation="bicubic")
         self.validation = None if val is None else AugmentedImages(val, eval_transform)
         return AugmentedImages(source, train_transform, seed=config.global_seed)

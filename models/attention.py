@@ -215,7 +215,7 @@ def stream_difference_op(
 
 def _stream_difference(query, key, value, lam, in_keys, joint):
     pos, neg = stream_maps(query, key, in_keys, joint).unbind(-2 if in_keys else -3)
-    return torch.addcmul(pos, neg, lam, value=-1) @ value
+    return pos.addcmul_(neg, lam, value=-1) @ value  # into the maps: no third map-sized tensor
 
 
 @stream_difference_op.register_fake

@@ -61,14 +61,16 @@ def test_live_tensor_bytes_is_the_peak_of_the_storages_alive_at_once():
     from bench.attention import LiveTensorBytes
 
     x = torch.ones(1000)
+    weight = torch.ones(20, 50)
     with LiveTensorBytes() as counter:
+        x_view, weight_t = x[:500], weight.t()  # views of storages made before: nothing
         a = x * 2  # 4000 bytes alive
         b = a + 1  # 8000
         view = b[10:]
         b.mul_(3)
         del a  # 4000
         c = torch.cat([b, b])  # 4000 + 8000: the peak
-        del b, view, c
+        del b, view, c, x_view, weight_t
     assert counter.peak == 12000 and counter.live == 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train_classifier
+from data import SyntheticSpec
 from engine.checkpoint import load_checkpoint
 from engine.classification import (
     AugmentedImages,
@@ -50,7 +51,8 @@ def test_learns_the_shapes_above_chance(tmp_path):
     config = ClassifierConfig(**{**state["config"]["train"], "results_dir": "unused"})
     model = build_network(config, 10)
     model.load_state_dict(state["ema"])
-    val = AugmentedImages(SyntheticPIL(32, 10, 200, seed=1), _eval_transform())
+    held_out = SyntheticPIL(32, 10, SyntheticSpec(200, shape_only=False), seed=1)
+    val = AugmentedImages(held_out, _eval_transform())
     images, labels = zip(*(val[i] for i in range(len(val))), strict=True)
     with torch.no_grad():
         logits = model.eval()(torch.stack(images))
@@ -104,7 +106,8 @@ def test_two_processes_evaluate_every_image_once(tmp_path):
     config = ClassifierConfig(**{**state["config"]["train"], "results_dir": "unused"})
     model = build_network(config, 10)
     model.load_state_dict(state["model"])
-    val = AugmentedImages(SyntheticPIL(32, 10, 40, seed=1), _eval_transform())
+    held_out = SyntheticPIL(32, 10, SyntheticSpec(40, shape_only=False), seed=1)
+    val = AugmentedImages(held_out, _eval_transform())
     alone = evaluate_classifier(model, val, 16, torch.device("cpu"))
     assert report["metrics"]["top1"] == pytest.approx(alone["top1"], abs=1e-12)
     assert report["metrics"]["top5"] == pytest.approx(alone["top5"], abs=1e-12)
@@ -123,6 +126,9 @@ def test_two_processes_evaluate_every_image_once(tmp_path):
         (["--data-path", "/nonexistent/images"], "does not exist"),
         (["--pretrained", "/nonexistent/weights.pth"], "no such file"),
         (["--max-steps", "0"], "--max-steps"),
+        (["--crop-scale", "0"], "--crop-scale"),
+        (["--data-path", "synthetic-shape:64", "--num-classes", "11"], "1..10 classes"),
+        (["--data-path", "synthetic-shape:64", "--val-path", "synthetic:64"], "differently"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):

@@ -18,8 +18,9 @@ from data import (
     build_dataset,
     build_latent_cache,
     center_crop_arr,
+    synthetic_spec,
 )
-from data.synthetic import class_style
+from data.synthetic import COLOURS, SHAPES, class_style
 from models.codec import PixelCodec, VAECodec
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -126,6 +127,12 @@ def test_build_dataset(folder):
     assert synthetic.num_classes == 10 and build_dataset("synthetic", 16, 4).num_classes == 4
     with pytest.raises(DataError, match="synthetic:N"):
         build_dataset("synthetic:lots", 16)
+    assert synthetic_spec("synthetic-shape:30") == (30, True)
+    assert synthetic_spec("synthetic") == (10000, False) and synthetic_spec("/data/x") is None
+    with pytest.raises(DataError, match="synthetic-shape:N"):
+        synthetic_spec("synthetic-shape:")
+    with pytest.raises(DataError, match="train_classifier.py"):
+        build_dataset("synthetic-shape:50", 16)
     assert build_dataset(str(folder), 16, num_classes=5).num_classes == 2
     with pytest.raises(DataError, match="2 class folders"):
         build_dataset(str(folder), 16, num_classes=1)
@@ -172,6 +179,33 @@ def test_synthetic_classes_are_distinct_shape_colour_pairs():
     assert len({s for s, _ in styles[:10]}) == 10 and len({c for _, c in styles[:10]}) == 10
     with pytest.raises(DataError):
         SyntheticShapes(16, num_classes=101)
+
+
+def brightest_colour(image: np.ndarray) -> str:
+    """The palette colour nearest in hue to an image's brightest pixel (inside the shape)."""
+    names = list(COLOURS)
+    palette = np.array([COLOURS[n] for n in names], float)
+    palette /= np.linalg.norm(palette, axis=1, keepdims=True)
+    pixels = image.reshape(-1, 3).astype(float)
+    pixel = pixels[pixels.sum(1).argmax()]
+    return names[int((palette @ (pixel / np.linalg.norm(pixel))).argmax())]
+
+
+def test_shape_only_classes_draw_each_shape_in_random_colours():
+    """Control: with shape x colour classes the brightest pixel names the class colour; with
+    shape-only classes every class shows most colours, so colour does not give the class away,
+    while the scene (background, place, size, angle) is the same as the shape x colour render."""
+    paired, shaped = SyntheticShapes(32, 10, 400), SyntheticShapes(32, 10, 400, shape_only=True)
+    paired_colours = [brightest_colour(paired.render(i, i % 10)) for i in range(400)]
+    assert np.mean([c == class_style(i % 10)[1] for i, c in enumerate(paired_colours)]) > 0.95
+    colours = [brightest_colour(shaped.render(i, i % 10)) for i in range(400)]
+    assert all(len(set(colours[c::10])) >= 7 for c in range(10))
+    assert np.mean([c == class_style(i % 10)[1] for i, c in enumerate(colours)]) < 0.3
+    assert shaped.classes == list(SHAPES) and shaped[13][1] == 3
+    a, b = paired.render(7, 7).astype(int), shaped.render(7, 7).astype(int)
+    assert (a[0, 0] == b[0, 0]).all() and (a[-1, -1] == b[-1, -1]).all()  # same background
+    with pytest.raises(DataError, match="1..10 classes"):
+        SyntheticShapes(16, num_classes=11, shape_only=True)
 
 
 # ---------------------------------------------------------------- latent cache
