@@ -53,19 +53,23 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
     """Each run's training `script`, then its evaluate_fid.py (if any), as subprocesses, `jobs`
     runs at a time; runs whose eval.json exists are skipped. Beside each other, runs share the
     cores' threads (two 1-thread runs train 1.4x faster than two 2-thread runs in turn on 2
-    cores) and write their output to console.txt in their folder."""
+    cores) and write their output to console.txt in their folder. Every folder is checked
+    before any run starts: one that holds a run of other settings is refused."""
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    for train, evaluate in runs:
+        check_same_run(train, evaluate)
 
     def one(train, evaluate):
         run_dir = train[train.index("--results-dir") + 1]
         json_path = os.path.join(run_dir, "eval.json")
         if os.path.exists(json_path):
-            check_budget(json_path, int(train[train.index("--max-steps") + 1]))
             log(f"done already: {json_path}")
             return
         os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, COMMANDS), "w") as f:
+            json.dump({"train": train, "evaluate": evaluate}, f, indent=1)
         steps = [(script, train)] + ([("evaluate_fid.py", evaluate)] if evaluate else [])
         for name, args in steps:
             log(f"{name} {shlex.join(args)}")
@@ -80,6 +84,48 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         for done in [pool.submit(one, *run) for run in runs]:
             done.result()  # the first failure, once every run has ended
+
+
+COMMANDS = "commands.json"  # in each run folder: the argument lists the run was started with
+
+
+def flag_values(args: list[str]) -> dict[str, str]:
+    """{flag: its value(s)} of an argument list ("" for a bare switch)."""
+    values, flag = {}, None
+    for arg in args:
+        if arg.startswith("--"):
+            flag = arg
+            values[flag] = ""
+        elif flag is not None:
+            values[flag] = f"{values[flag]} {arg}".strip()
+    return values
+
+
+def check_same_run(train: list[str], evaluate: list[str] | None) -> None:
+    """A run folder holds the run of one set of settings: a table whose definition changed, or
+    another --steps, is another study, in another --out folder, not a silent mix of old and new
+    runs. Folders made before commands.json was written are checked by their step count."""
+    run_dir = train[train.index("--results-dir") + 1]
+    path = os.path.join(run_dir, COMMANDS)
+    if not os.path.exists(path):
+        json_path = os.path.join(run_dir, "eval.json")
+        if os.path.exists(json_path):
+            check_budget(json_path, int(train[train.index("--max-steps") + 1]))
+        return
+    with open(path) as f:
+        recorded = json.load(f)
+    changed = []
+    for part, now in (("train", train), ("evaluate", evaluate)):
+        before, after = flag_values(recorded.get(part) or []), flag_values(now or [])
+        for flag in sorted(before.keys() | after.keys()):
+            if before.get(flag) != after.get(flag):
+                was, new = before.get(flag, "unset"), after.get(flag, "unset")
+                changed.append(f"{flag} {was or 'on'} -> {new or 'on'}")
+    if changed:
+        raise UsageError(
+            f"{run_dir} holds a run of other settings ({', '.join(changed)}); put a study "
+            "with other settings in another --out folder"
+        )
 
 
 def check_budget(json_path: str, steps: int) -> None:
