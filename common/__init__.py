@@ -2,7 +2,7 @@
 files and the cache root. It imports nothing from the rest of the project."""
 
 from .errors import InputError, one_line
-from .files import atomic_write, cache_root, check_writable, sweep_leftovers
+from .files import atomic_write, cache_root, check_writable, lock_folder, sweep_leftovers
 from .npz import iter_npz_array, npz_array_info, write_npz
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "cache_root",
     "check_writable",
     "iter_npz_array",
+    "lock_folder",
     "npz_array_info",
     "one_line",
     "sweep_leftovers",

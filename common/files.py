@@ -1,6 +1,8 @@
-"""Atomic writes, the sweep of their leftovers, writability checks and the cache folder."""
+"""Atomic writes, the sweep of their leftovers, writability checks, folder locks and the cache
+folder."""
 
 import contextlib
+import fcntl
 import os
 import re
 import uuid
@@ -81,3 +83,21 @@ def sweep_leftovers(folder, prefix: str = "") -> list[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))
     return removed
+
+
+def lock_folder(path) -> object | None:
+    """An exclusive lock on the folder `path` (made if missing), held while the returned file
+    stays open; the OS drops it when the process ends, even by kill -9, so a crashed run never
+    leaves a stale lock. None where the file system keeps no locks (some network mounts).
+    Raises BlockingIOError while another process holds it."""
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, ".lock"), "a")  # noqa: SIM115 (held past the return)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise
+    except OSError:
+        handle.close()
+        return None
+    return handle

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common import InputError, check_writable, sweep_leftovers
+from common import InputError, check_writable, lock_folder, sweep_leftovers
 from common.cli import report
 
 from . import dist
@@ -138,7 +138,8 @@ class TrainingLoop:
         if self.resume_from:
             self.resume_state = load_checkpoint(self.resume_from)
             self.check_resumable(self.resume_from, self.resume_state)
-        # Every input checked: from here on the run writes into its folder.
+        # Every input checked: from here on the run writes into its folder, alone.
+        self.folder_lock = self._lock_folder()
         self.log = RunLogger(
             config.results_dir,
             enabled=self.info.is_main,
@@ -158,6 +159,23 @@ class TrainingLoop:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self._resume()
         self.log.start(self.step, self.configs())
+
+    def _lock_folder(self):
+        """The main process's lock on the run folder for the run's life: a second run started
+        in the same folder (a resubmitted job, a typo in a sweep) would interleave its
+        checkpoints, pruning and logs with this one's."""
+        busy, lock = False, None
+        if self.info.is_main:
+            try:
+                lock = lock_folder(self.config.results_dir)
+            except BlockingIOError:
+                busy = True
+        if dist.any_rank(busy, self.device):
+            raise UsageError(
+                f"--results-dir {self.config.results_dir} is in use by another running "
+                "process; wait for it to end, or choose another folder"
+            )
+        return lock
 
     def train_step_for(self, model, ema, objective, optimizer) -> TrainStep:
         """The TrainStep of a built model: DDP-wrapped over several processes, with the run's

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -160,6 +161,35 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path, monkeypatch):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["0000003.pt"]
     assert "SIGTERM" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_a_second_run_in_a_busy_folder_is_refused_until_the_first_ends(tmp_path, capsys):
+    """The shared loop's folder lock, between two real processes: while a run trains, another
+    in its folder exits 2 with one line and writes nothing; once the first has ended (SIGTERM),
+    the folder resumes."""
+    results = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "train_classifier.py", *tiny(results, "--ckpt-every", "1000", steps=500)],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        log = results / "log.txt"
+        for _ in range(600):
+            if log.exists() and "step 0000001" in log.read_text():
+                break
+            time.sleep(0.2)
+        before = log.read_text()
+        assert train_classifier.main(tiny(results, "--resume")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "in use by another running process" in err, err
+        assert log.read_text().startswith(before) and not (results / "checkpoints").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0, first.stderr.read()[-2000:]
+    (saved,) = os.listdir(results / "checkpoints")
+    assert train_classifier.main(tiny(results, "--resume", steps=int(saved[:7]) + 1)) == 0
+    assert "resumed from" in log.read_text()
 
 
 def test_pretrained_file_loads_through_timm_and_the_log_names_the_new_keys(tmp_path):
