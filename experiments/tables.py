@@ -93,9 +93,13 @@ TABLES = {
          for attention in ("mhsa", "vca")],
         GENERATION,
     ),
+    # The paper's rows: Stage I only, Stage II only, its two-stage vanilla Differential
+    # Attention ("diff"), embeddings only, the full VCA; with Ye et al.'s quadratic Differential
+    # Attention beside them. Each row is read against the full VCA: what removing a part costs.
     "paper-ablation": Table(
-        "diffattn",
-        [("DiT-S/2", attention) for attention in ("stage1", "stage2", "diffattn", "emb", "vca")],
+        "vca",
+        [("DiT-S/2", attention)
+         for attention in ("stage1", "stage2", "diff", "diffattn", "emb", "vca")],
         GENERATION,
     ),
     # "native" is timm's own attention: DeiT's MHSA, Swin's windows, PVT-v2's spatial reduction

@@ -111,12 +111,12 @@ def test_imagenet_scale_writes_commands_that_parse(tmp_path):
     assert run.main(["paper-ablation", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
     lines = (tmp_path / "imagenet" / "paper-ablation.sh").read_text().splitlines()
     torchruns = [shlex.split(line)[1:] for line in lines if line.startswith("torchrun ")]
-    assert len(torchruns) == 2 * 5 * 3  # train and evaluate, 5 attentions, 3 seeds
+    assert len(torchruns) == 2 * 6 * 3  # train and evaluate, 6 attentions, 3 seeds
     for words in torchruns:
         launch = get_args_parser().parse_args(words)
         script = {"train.py": train, "evaluate_fid.py": evaluate_fid}[launch.training_script]
         script.build_parser().parse_args(launch.training_script_args)
-    assert sum(line.startswith("job=$(sbatch") for line in lines) == 15
+    assert sum(line.startswith("job=$(sbatch") for line in lines) == 18
 
 
 def test_imagenet_classification_writes_train_classifier_commands_that_parse(tmp_path):
