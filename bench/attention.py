@@ -118,12 +118,12 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = {
+        inputs = {  # before the call: an out= tensor or an input it resizes gets new storage
             t.untyped_storage().data_ptr()
             for t in tree_leaves((args, kwargs))
             if isinstance(t, torch.Tensor)
         }
+        out = func(*args, **kwargs)
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue

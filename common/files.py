@@ -2,6 +2,7 @@
 folder."""
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -87,17 +88,20 @@ def sweep_leftovers(folder, prefix: str = "") -> list[str]:
 
 def lock_folder(path) -> object | None:
     """An exclusive lock on the folder `path` (made if missing), held while the returned file
-    stays open; the OS drops it when the process ends, even by kill -9, so a crashed run never
-    leaves a stale lock. None where the file system keeps no locks (some network mounts).
-    Raises BlockingIOError while another process holds it."""
+    stays open. A POSIX record lock: the OS drops it when the process ends, even by kill -9, so
+    a crashed run leaves no stale lock, and forked children (DataLoader workers) do not inherit
+    it. None where the file system keeps no locks. Raises BlockingIOError while another process
+    holds it."""
     os.makedirs(path, exist_ok=True)
-    handle = open(os.path.join(path, ".lock"), "a")  # noqa: SIM115 (held past the return)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        handle = open(os.path.join(path, ".lock"), "a")  # noqa: SIM115 (held past the return)
+    except OSError as err:
+        raise InputError(f"cannot create a lock file in {path}: {err.strerror}") from None
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
         handle.close()
-        raise
-    except OSError:
-        handle.close()
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            raise BlockingIOError(err.errno, f"{path} is locked") from None
         return None
     return handle

@@ -34,7 +34,7 @@ def synthetic_spec(data_path: str) -> SyntheticSpec | None:
     if name not in ("synthetic", "synthetic-shape"):
         return None
     length = length or ("" if ":" in data_path else "10000")
-    if not length.isdigit() or int(length) < 1:
+    if not length.isdecimal() or int(length) < 1:
         raise DataError(f"bad dataset {data_path!r}; use {name} or {name}:N, N >= 1")
     return SyntheticSpec(int(length), name == "synthetic-shape")
 

@@ -244,6 +244,19 @@ def image_source(path: str, image_size: int, num_classes: int | None, seed: int)
     return source
 
 
+def train_transform(config: ClassifierConfig):
+    """timm's training transform with the run's recipe: random resized crop, flip, RandAugment,
+    normalisation, random erasing."""
+    return timm.data.create_transform(
+        config.image_size,
+        is_training=True,
+        scale=(config.crop_scale, 1.0),
+        auto_augment=config.randaugment,
+        re_prob=config.reprob,
+        interpolation="bicubic",
+    )
+
+
 class ClassificationObjective:
     """The loss on the TrainStep's interface: Mixup/CutMix (timm) with soft-target cross
     entropy, or label-smoothed cross entropy without them."""
@@ -305,14 +318,6 @@ class ClassifierTrainer(TrainingLoop):
             raise UsageError(
                 f"Mixup/CutMix pair images: the batch per process ({self.local_batch}) must be even"
             )
-        train_transform = timm.data.create_transform(
-            config.image_size,
-            is_training=True,
-            scale=(config.crop_scale, 1.0),
-            auto_augment=config.randaugment,
-            re_prob=config.reprob,
-            interpolation="bicubic",
-        )
         self.network_dict = config.model_dict(self.num_classes)
         check_network(config, self.num_classes)
         val = None
@@ -329,7 +334,7 @@ class ClassifierTrainer(TrainingLoop):
             )
         eval_transform = timm.data.create_transform(config.image_size, interpolation="bicubic")
         self.validation = None if val is None else AugmentedImages(val, eval_transform)
-        return AugmentedImages(source, train_transform, seed=config.global_seed)
+        return AugmentedImages(source, train_transform(config), seed=config.global_seed)
 
     def check_resumable(self, path, state):
         saved = stored_config(state)["model"]

@@ -134,12 +134,22 @@ class TrainingLoop:
                 f"the dataset has {len(data)} items, fewer than one batch of "
                 f"{self.local_batch} per process; lower --global-batch-size"
             )
+        # Locked before the checkpoint is read, so a duplicate run reads no (multi-GB) checkpoint;
+        # a resume's folder exists already, so a refused resume leaves no new folder behind.
+        self.folder_lock = self._lock_folder()
+        try:
+            self._build_run(data)
+        except BaseException:
+            self.release_folder()
+            raise
+
+    def _build_run(self, data):
+        config = self.config
         self.resume_state = None
         if self.resume_from:
             self.resume_state = load_checkpoint(self.resume_from)
             self.check_resumable(self.resume_from, self.resume_state)
-        # Every input checked: from here on the run writes into its folder, alone.
-        self.folder_lock = self._lock_folder()
+        # Every input checked: from here on the run writes its files.
         self.log = RunLogger(
             config.results_dir,
             enabled=self.info.is_main,
@@ -176,6 +186,13 @@ class TrainingLoop:
                 "process; wait for it to end, or choose another folder"
             )
         return lock
+
+    def release_folder(self):
+        """Unlock the run folder (also done by the OS when the process ends): for a run started
+        inside a longer-lived process, a notebook or a test, whose later runs use the folder."""
+        if self.folder_lock is not None:
+            self.folder_lock.close()
+            self.folder_lock = None
 
     def train_step_for(self, model, ema, objective, optimizer) -> TrainStep:
         """The TrainStep of a built model: DDP-wrapped over several processes, with the run's
@@ -264,6 +281,7 @@ class TrainingLoop:
             self._loop()
         finally:
             self.log.close()
+            self.release_folder()
         dist.cleanup()
 
     def _loop(self):

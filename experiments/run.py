@@ -21,7 +21,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from common import InputError
+from common import InputError, atomic_write
 from common.cli import ArgumentParser, report
 from engine.errors import UsageError
 
@@ -67,8 +67,7 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
         if os.path.exists(json_path):
             log(f"done already: {json_path}")
             return
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, COMMANDS), "w") as f:
+        with atomic_write(os.path.join(run_dir, COMMANDS), "w") as f:
             json.dump({"train": train, "evaluate": evaluate}, f, indent=1)
         steps = [(script, train)] + ([("evaluate_fid.py", evaluate)] if evaluate else [])
         for name, args in steps:
@@ -87,6 +86,9 @@ def run_locally(runs, script: str, log, jobs: int = 1) -> None:
 
 
 COMMANDS = "commands.json"  # in each run folder: the argument lists the run was started with
+# Where a run's files go: derived from the run folder, so compared as the folder, not as text
+# (--out studies and --out ./studies are the same study).
+RUN_PATHS = ("--results-dir", "--ckpt", "--sample-dir", "--json")
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
@@ -112,12 +114,15 @@ def check_same_run(train: list[str], evaluate: list[str] | None) -> None:
         if os.path.exists(json_path):
             check_budget(json_path, int(train[train.index("--max-steps") + 1]))
         return
-    with open(path) as f:
-        recorded = json.load(f)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} is unreadable ({err}); remove it to rerun the run") from None
     changed = []
     for part, now in (("train", train), ("evaluate", evaluate)):
         before, after = flag_values(recorded.get(part) or []), flag_values(now or [])
-        for flag in sorted(before.keys() | after.keys()):
+        for flag in sorted((before.keys() | after.keys()) - set(RUN_PATHS)):
             if before.get(flag) != after.get(flag):
                 was, new = before.get(flag, "unset"), after.get(flag, "unset")
                 changed.append(f"{flag} {was or 'on'} -> {new or 'on'}")

@@ -23,6 +23,7 @@ from engine.classification import (
     SyntheticPIL,
     build_network,
     evaluate_classifier,
+    train_transform,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,3 +210,24 @@ def test_pretrained_file_loads_through_timm_and_the_log_names_the_new_keys(tmp_p
     state = load_checkpoint(str(results / "checkpoints" / "0000001.pt"))["model"]
     torch.testing.assert_close(state["patch_embed.proj.weight"], native.patch_embed.proj.weight,
                                rtol=1e-6, atol=1e-9)  # fmt: skip
+
+
+def test_recipe_flags_reach_timms_transform():
+    """--crop-scale, --randaugment and --reprob as train_classifier.py parses them."""
+    from timm.data.auto_augment import RandAugment
+    from timm.data.random_erasing import RandomErasing
+    from timm.data.transforms import RandomResizedCropAndInterpolation as RandomResizedCrop
+
+    def steps(*extra):
+        args = train_classifier.build_parser().parse_args(tiny("unused", *extra))
+        return train_transform(train_classifier.config_from_args(args)).transforms
+
+    light = steps("--crop-scale", "0.5", "--randaugment", "none", "--reprob", "0")
+    (crop,) = [t for t in light if isinstance(t, RandomResizedCrop)]
+    assert crop.scale == (0.5, 1.0) and crop.size == (32, 32)
+    assert not any(isinstance(t, (RandAugment, RandomErasing)) for t in light)
+    assert not any(isinstance(t, RandomErasing) for t in steps("--reprob", "0"))
+    deit = steps()
+    assert [t.scale for t in deit if isinstance(t, RandomResizedCrop)] == [(0.08, 1.0)]
+    assert any(isinstance(t, RandAugment) for t in deit)
+    assert any(isinstance(t, RandomErasing) for t in deit)

@@ -4,6 +4,7 @@ scipy, and the ImageNet-scale commands through the real parsers."""
 import json
 import os
 import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -79,14 +80,19 @@ def test_runner_runs_skips_and_resumes(tmp_path, monkeypatch, capsys):
     log = (folder / "DiT-T-4-mhsa" / "seed0" / "log.txt").read_text()
     assert "resumed from" in log and "0000001.pt at step 1" in log
 
+    # the same study under another spelling of --out is the same study
+    assert run.main([*argv[:-1], str(tmp_path / "studies") + "/."]) == 0
+    assert capsys.readouterr().out.count("done already") == 4
+
     # other settings in the same folder are refused before anything runs, not mixed in
+    shutil.rmtree(folder / "DiT-T-4-mhsa" / "seed0")  # a run that would come first
     longer = [*argv[:9], "3", *argv[10:]]
     assert longer[8:10] == ["--steps", "3"] and run.main(longer) == 2
     assert "--max-steps 2 -> 3" in capsys.readouterr().err
     more_samples = [*argv[:11], "30", *argv[12:]]
     assert more_samples[10:12] == ["--eval-samples", "30"] and run.main(more_samples) == 2
     assert "--num-samples 20 -> 30" in capsys.readouterr().err
-    assert not (folder / "DiT-T-4-mhsa" / "seed0" / "checkpoints" / "0000003.pt").exists()
+    assert not (folder / "DiT-T-4-mhsa" / "seed0").exists()
     for seed_dir in folder.glob("DiT-T-4-*/seed*"):  # folders from before commands.json
         os.remove(seed_dir / run.COMMANDS)
     assert run.main(longer) == 2
