@@ -30,10 +30,11 @@ def synthetic_spec(data_path: str) -> SyntheticSpec | None:
     """The built-in shapes named by "synthetic[:N]" (classes are shape x colour pairs) or
     "synthetic-shape[:N]" (classes are shapes, colours random); N defaults to 10000. None for
     any other path (an image folder)."""
-    name, _, length = data_path.partition(":")
+    name, colon, length = data_path.partition(":")
     if name not in ("synthetic", "synthetic-shape"):
         return None
-    length = length or ("" if ":" in data_path else "10000")
+    if not colon:
+        length = "10000"
     if not length.isdecimal() or int(length) < 1:
         raise DataError(f"bad dataset {data_path!r}; use {name} or {name}:N, N >= 1")
     return SyntheticSpec(int(length), name == "synthetic-shape")

@@ -205,7 +205,10 @@ class SyntheticPIL:
     def __init__(self, image_size: int, num_classes: int, spec: SyntheticSpec, seed: int):
         self.shapes = SyntheticShapes(image_size, num_classes, spec.length, seed, spec.shape_only)
         self.num_classes = num_classes
-        self.shape_only = spec.shape_only
+
+    @property
+    def shape_only(self) -> bool:
+        return self.shapes.shape_only
 
     def __len__(self) -> int:
         return len(self.shapes)
