@@ -3,6 +3,7 @@
 
     python -m bench.attention                      # CPU: S and XL widths, N = 256, 1024, 4096
     python -m bench.attention --device cuda        # GPU rows, bf16
+    python -m bench.attention --no-timing --batch 16   # peak memory alone, at a larger batch
 
 Timings alternate between the attentions inside one run, so the ratios are side by side.
 Peak memory is what one call adds: torch's allocator peak on CUDA, the peak of the bytes held
@@ -177,6 +178,11 @@ def build_parser() -> ArgumentParser:
         "--no-memory", action="store_true", help="skip the peak-memory measurements"
     )
     parser.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the timings: peak memory only (quick at large batches)",
+    )
+    parser.add_argument(
         "--part",
         choices=["layer", "mixing"],
         default="layer",
@@ -202,6 +208,8 @@ def main(argv=None):
     device = requested_device(parser, args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     base = args.attention[0]
+    if args.no_memory and args.no_timing:
+        parser.error("--no-memory and --no-timing leave nothing to measure")
     if args.profile:
         for kind in args.attention:
             print(f"{kind}, {args.part}, {args.widths[0]} width, {args.tokens[0]} tokens, fwd+bwd:")
@@ -209,10 +217,13 @@ def main(argv=None):
         return
 
     rows = []
-    header = ["width", "N", "pass"] + [f"{k} ms" for k in args.attention]
-    header += [f"{k}/{base}" for k in args.attention[1:]]
+    header = ["width", "N", "pass"]
+    if not args.no_timing:
+        header += [f"{k} ms" for k in args.attention]
+        header += [f"{k}/{base}" for k in args.attention[1:]]
     if not args.no_memory:
         header += [f"{k} MB" for k in args.attention]
+        header += [f"{k}/{base} MB" for k in args.attention[1:]]
     setting = f"{args.part}, {dtype_name}, batch {args.batch}, torch {torch.__version__}"
     print(f"device: {device_name(device)}, {setting}")
     print("| " + " | ".join(header) + " |")
@@ -227,7 +238,6 @@ def main(argv=None):
             x = torch.randn(args.batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
             for backward in (False, True):
                 x.requires_grad_(backward)
-                seconds = time_layers(layers, x, backward, args.reps, device)
                 row = {
                     "width": width,
                     "tokens": tokens,
@@ -236,23 +246,28 @@ def main(argv=None):
                     "batch": args.batch,
                     "dtype": dtype_name,
                     "device": device_name(device),
-                    "ms": {k: 1000 * s for k, s in seconds.items()},
-                    "speedup_vs_" + base: {
-                        k: seconds[base] / seconds[k] for k in args.attention[1:]
-                    },
                 }
-                cells = [width, str(tokens), row["pass"]] + [
-                    f"{row['ms'][k]:.2f}" for k in args.attention
-                ]
-                cells += [f"{seconds[base] / seconds[k]:.2f}x faster" for k in args.attention[1:]]
+                cells = [width, str(tokens), row["pass"]]
+                if not args.no_timing:
+                    seconds = time_layers(layers, x, backward, args.reps, device)
+                    row["ms"] = {k: 1000 * s for k, s in seconds.items()}
+                    row["speedup_vs_" + base] = {
+                        k: seconds[base] / seconds[k] for k in args.attention[1:]
+                    }
+                    cells += [f"{row['ms'][k]:.2f}" for k in args.attention]
+                    cells += [
+                        f"{seconds[base] / seconds[k]:.2f}x faster" for k in args.attention[1:]
+                    ]
                 if not args.no_memory:
-                    row["peak_mb"] = {
+                    peak = {
                         k: peak_memory_mb(
                             k, width, tokens, args.batch, device, dtype_name, backward, args.part
                         )
                         for k in args.attention
                     }
-                    cells += [f"{row['peak_mb'][k]:.0f}" for k in args.attention]
+                    row["peak_mb"] = peak
+                    cells += [f"{peak[k]:.1f}" for k in args.attention]
+                    cells += [f"{peak[k] / peak[base]:.2f}x" for k in args.attention[1:]]
                 print("| " + " | ".join(cells) + " |", flush=True)
                 rows.append(row)
             del layers, x

@@ -28,21 +28,26 @@ TITLES = {
 
 def attention_table(payload: dict) -> tuple[list, list]:
     rows = payload["rows"]
-    kinds = list(rows[0]["ms"])
+    first = rows[0]
+    kinds = list(first.get("ms") or first["peak_mb"])
     base = kinds[0]
-    memory = "peak_mb" in rows[0]
-    header = ["part", "width", "N", "pass", "dtype"] + [f"{k} ms" for k in kinds]
-    header += [f"{k} vs {base}" for k in kinds[1:]]
-    header += [f"{k} MB" for k in kinds] if memory else []
+    header = ["part", "width", "N", "pass", "dtype", "batch"]
+    if "ms" in first:
+        header += [f"{k} ms" for k in kinds] + [f"{k} vs {base}" for k in kinds[1:]]
+    if "peak_mb" in first:
+        header += [f"{k} MB" for k in kinds] + [f"{k}/{base} MB" for k in kinds[1:]]
     cells = []
     for row in rows:
-        speed = row["speedup_vs_" + base]
-        cells.append(
-            [row.get("part", "layer"), row["width"], str(row["tokens"]), row["pass"], row["dtype"]]
-            + [f"{row['ms'][k]:.2f}" for k in kinds]
-            + [f"{speed[k]:.2f}x" for k in kinds[1:]]
-            + ([f"{row['peak_mb'][k]:.1f}" for k in kinds] if memory else [])
-        )
+        cell = [row.get("part", "layer"), row["width"], str(row["tokens"]), row["pass"]]
+        cell += [row["dtype"], str(row.get("batch", 1))]
+        if "ms" in row:
+            speed = row["speedup_vs_" + base]
+            cell += [f"{row['ms'][k]:.2f}" for k in kinds] + [f"{speed[k]:.2f}x" for k in kinds[1:]]
+        if "peak_mb" in row:
+            peak = row["peak_mb"]
+            cell += [f"{peak[k]:.1f}" for k in kinds]
+            cell += [f"{peak[k] / peak[base]:.2f}x" for k in kinds[1:]]
+        cells.append(cell)
     return header, cells
 
 
@@ -61,6 +66,8 @@ def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
         return bars
     for row in payload["rows"]:
         if name == "attention":
+            if "ms" not in row:  # a memory-only run
+                continue
             for kind, value in row["speedup_vs_" + next(iter(row["ms"]))].items():
                 where = f"{row.get('part', 'layer')} {row['width']} N={row['tokens']} {row['pass']}"
                 bars.append((f"{where} {kind}", value))

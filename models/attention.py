@@ -36,8 +36,11 @@ def lambda_init_for(layer_index):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim. F.rms_norm keeps its statistics in fp32 for bf16/fp16 inputs,
-    so the input is not copied to fp32 first."""
+    """RMSNorm over the last dim with F.rms_norm's roundings: statistics in fp32 (or wider),
+    x times their reciprocal rounded to x's dtype, then the weight. Written out because
+    F.rms_norm returns a contiguous tensor (Stage II's output is stored with the heads merged,
+    and a contiguous result would cost a copy of N x C to merge them) and its autograd keeps
+    both x and the normalised x for the backward."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -45,8 +48,44 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """RMSNorm(x) * scale; the scale folds into the weight, saving a pass over x."""
-        return F.rms_norm(x, (x.shape[-1],), (self.weight * scale).to(x.dtype), self.eps)
+        """RMSNorm(x) * scale; the scale folds into the weight, saving a pass over x. Without
+        autograd (sampling, evaluation) x is normalised in place, as the fresh output of an
+        attention stage that nothing else reads, and no x-sized temporary is made."""
+        weight = (self.weight * scale).to(x.dtype)
+        if torch.is_grad_enabled():
+            return RMSNormFunction.apply(x, weight, self.eps)
+        return x.mul_(inverse_rms(x, self.eps)).mul_(weight)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim in fp32 or wider, with no x-sized
+    temporary."""
+    stats = torch.promote_types(x.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats)
+    return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm(x) * weight that saves x and the (rows x 1) inverse RMS for the backward, and
+    recomputes the normalised x there: one x-sized tensor fewer in a training step's saved
+    activations than autograd of the formula."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        inverse = inverse_rms(x, eps)
+        ctx.save_for_backward(x, weight, inverse)
+        return (x * inverse).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, inverse = ctx.saved_tensors
+        grad_weight = (grad * (x * inverse).to(x.dtype)).sum(tuple(range(x.dim() - 1)))
+        grad_normed = (grad * weight).to(inverse.dtype)
+        wide = x.to(inverse.dtype)
+        # d/dx of x * r with r = (mean(x^2) + eps)^(-1/2): r * g - x * r^3 * mean(g * x)
+        correction = (grad_normed * wide).mean(-1, keepdim=True) * inverse.square()
+        grad_x = grad_normed.sub_(wide * correction).mul_(inverse)
+        return grad_x.to(x.dtype), grad_weight, None
 
 
 class DiffLambda(nn.Module):
@@ -158,18 +197,56 @@ class InlineCustomOps(TorchDispatchMode):
 
 def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
     """softmax(query @ key^T) with the stream axis split out: (..., L, 2, n) when the streams
-    are the keys, (..., 2, n, S) when they are the queries. The backward calls it again and
-    gets the forward's maps exactly."""
+    are the keys, (..., 2, n, S) when they are the queries. The softmax is taken in place of
+    the scores, so the maps are the only map-sized tensor. The backward calls it again and gets
+    the forward's maps exactly."""
     scores = query @ key.transpose(-1, -2)
     *batch, rows, cols = scores.shape
     streams = (*batch, rows, 2, cols // 2) if in_keys else (*batch, 2, rows // 2, cols)
     normalised = scores if joint else scores.view(streams)  # one softmax per last-dim row
-    # An explicit dtype: CUDA autocast would otherwise return the map in fp32.
-    return torch.softmax(normalised, -1, dtype=scores.dtype).view(streams)
+    torch.softmax(normalised, -1, out=normalised)
+    return scores.view(streams)
 
 
-MAP_CHUNK_ENTRIES = 1 << 20  # maps larger than 4 MB of fp32 are formed in MAP_CHUNKS parts
-MAP_CHUNKS = 4
+MAP_SHARE = 4  # a part's maps hold at most 1/MAP_SHARE of the entries of the N-token operand
+MIN_PART_ENTRIES = 1 << 19  # ... unless that makes parts smaller than this (2 MB of fp32)
+
+
+def product_parts(query, key, in_keys: bool):
+    """The parts a stream-difference product runs in, as (index of query, grad and output;
+    index of key and value): the query rows in Stage II (`in_keys`), where key and value are
+    the few stream tokens every row reads; the heads in Stage I.
+
+    With 2n map columns per d-wide token, the maps of a whole stage outweigh the N-token
+    tensors (2x at n = d) and would set the layer's peak memory; in parts they stay a quarter
+    of one. Parts below MIN_PART_ENTRIES map entries are not split further: each part costs a
+    fixed ~50 us of launches on this CPU (more on a GPU), which at batch 1 and 256 tokens
+    would make the product 1.6x slower, while above it parts cost no time."""
+    tokens = query if in_keys else key
+    map_entries = query.shape[:-1].numel() * key.shape[-2]
+    axis = -2 if in_keys else -3
+    length = query.shape[axis] if query.dim() >= -axis else 1
+    by_share = -(-MAP_SHARE * map_entries // max(tokens.numel(), 1))
+    parts = max(1, min(length, by_share, map_entries // MIN_PART_ENTRIES))
+    step = -(-length // parts)
+    for start in range(0, length, step):
+        rows = slice(start, start + step)
+        if in_keys:
+            yield (..., rows, slice(None)), (...,)
+        else:
+            heads = (..., rows, slice(None), slice(None))
+            yield heads, heads
+
+
+def stream_difference_output(query, value, in_keys):
+    """An empty output of the op: Stage II's (B, M, N, d) heads are stored as (B, N, M, d),
+    so that merging the heads afterwards is a view, not a copy of N x C."""
+    *lead, rows, _ = query.shape
+    if not in_keys:
+        return query.new_empty(*lead, rows // 2, value.shape[-1])
+    *batch, heads = lead or [1]
+    merged = query.new_empty(*batch, rows, heads, value.shape[-1])
+    return merged.transpose(-2, -3).reshape(*lead, rows, value.shape[-1])
 
 
 @custom_op("stream_difference")
@@ -188,11 +265,8 @@ def stream_difference_op(
     against the N keys) or of the keys (`in_keys=True`, Stage II: the N queries against 2n
     stream keys; the softmax is taken per stream, or over both with `joint`). One product
     scores both streams, and the difference of the maps is taken before the values are
-    multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream.
-
-    Products with more than MAP_CHUNK_ENTRIES map entries run in MAP_CHUNKS groups of heads
-    into the output, so that the maps of all heads never coexist (at 4096 tokens they would add
-    half the layer's peak memory); a handful of groups keeps every kernel large.
+    multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream. The
+    product runs in `product_parts`, so the maps never outweigh the output.
 
     The backward recomputes the maps instead of keeping them, as flash attention does: a
     layer's saved activations hold no (N x 2n) map per head, at the price of one more
@@ -200,28 +274,21 @@ def stream_difference_op(
     kernels: traced, its partitioner would fold the recompute back into saved maps, and each
     block would compile a dozen more generated kernels (1.55x MHSA's compile time, against
     1.36x as an opaque op)."""
-    heads = query.shape[-3] if query.dim() > 2 else 1
-    entries = query.shape[:-2].numel() * query.shape[-2] * key.shape[-2]
-    if heads == 1 or entries <= MAP_CHUNK_ENTRIES:
-        return _stream_difference(query, key, value, lam, in_keys, joint)
-    rows = query.shape[-2] if in_keys else query.shape[-2] // 2
-    out = query.new_empty(*query.shape[:-2], rows, value.shape[-1])
-    step = -(-heads // MAP_CHUNKS)
-    for start in range(0, heads, step):  # slices of the head axis: views, no copies
-        group = (..., slice(start, start + step), slice(None), slice(None))
-        out[group] = _stream_difference(query[group], key[group], value[group], lam, in_keys, joint)
+    out = stream_difference_output(query, value, in_keys)
+    for part, shared in product_parts(query, key, in_keys):
+        _stream_difference(query[part], key[shared], value[shared], lam, in_keys, joint, out[part])
     return out
 
 
-def _stream_difference(query, key, value, lam, in_keys, joint):
+def _stream_difference(query, key, value, lam, in_keys, joint, out):
+    """One part into `out`; its maps die on return, before the next part forms its own."""
     pos, neg = stream_maps(query, key, in_keys, joint).unbind(-2 if in_keys else -3)
-    return pos.addcmul_(neg, lam, value=-1) @ value  # into the maps: no third map-sized tensor
+    torch.matmul(pos.addcmul_(neg, lam, value=-1), value, out=out)  # the difference into pos
 
 
 @stream_difference_op.register_fake
 def _(query, key, value, lam, in_keys, joint):
-    rows = query.shape[-2] if in_keys else query.shape[-2] // 2
-    return query.new_empty(*query.shape[:-2], rows, value.shape[-1])
+    return stream_difference_output(query, value, in_keys)
 
 
 @custom_op("stream_difference_backward")
@@ -234,13 +301,39 @@ def stream_difference_backward(
     in_keys: bool,
     joint: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of stream_difference_op for query, key, value and lam."""
+    """Gradients of stream_difference_op for query, key, value and lam, in the forward's
+    parts: Stage II's parts share key and value, whose gradients add up over them."""
+    parts = list(product_parts(query, key, in_keys))
+    if len(parts) == 1:
+        return _stream_difference_grads(grad, query, key, value, lam, in_keys, joint)
+    grad_query = query.new_empty(query.shape)
+    grad_key, grad_value = (torch.zeros_like(t) for t in (key, value))
+    grad_lam = torch.zeros_like(lam)
+    for part, shared in parts:
+        grads = _stream_difference_grads(
+            grad[part], query[part], key[shared], value[shared], lam, in_keys, joint
+        )
+        grad_query[part] = grads[0]
+        grad_key[shared] += grads[1]
+        grad_value[shared] += grads[2]
+        grad_lam += grads[3]
+    return grad_query, grad_key, grad_value, grad_lam
+
+
+def _stream_difference_grads(grad, query, key, value, lam, in_keys, joint):
     attn = stream_maps(query, key, in_keys, joint)
     pos, neg = attn.unbind(-2 if in_keys else -3)
     grad_value = torch.addcmul(pos, neg, lam, value=-1).transpose(-1, -2) @ grad
-    grad_diff = grad @ value.transpose(-1, -2)
-    # The softmax backward, A * (dA - sum(dA * A)) per row with dA+ = grad_diff and
-    # dA- = -lam * grad_diff, written into the maps: no (rows x 2n) gradient beside them.
+    grad_lam = _softmax_backward_into_maps(pos, neg, grad @ value.transpose(-1, -2), lam, joint)
+    grad_scores = attn.reshape(*grad.shape[:-2], query.shape[-2], key.shape[-2])
+    return grad_scores @ key, grad_scores.transpose(-1, -2) @ query, grad_value, grad_lam
+
+
+def _softmax_backward_into_maps(pos, neg, grad_diff, lam, joint):
+    """Turns the maps into their scores' gradient, A * (dA - sum(dA * A)) per row with
+    dA+ = grad_diff and dA- = -lam * grad_diff, and returns lam's gradient. Written into the
+    maps and, last, into grad_diff: no (rows x 2n) gradient beside them, and grad_diff is
+    gone before the products with query and key."""
     dot_pos = (grad_diff * pos).sum(-1, keepdim=True)
     dot_neg = (grad_diff * neg).sum(-1, keepdim=True)
     grad_lam = -dot_neg.sum(dtype=lam.dtype)
@@ -248,12 +341,9 @@ def stream_difference_backward(
         sub_pos = sub_neg = torch.addcmul(dot_pos, dot_neg, lam, value=-1)
     else:
         sub_pos, sub_neg = dot_pos, dot_neg * -lam
-    pos.mul_(grad_diff - sub_pos)
     neg.mul_(torch.addcmul(-sub_neg, grad_diff, lam, value=-1))
-    grad_scores = attn.reshape(*grad.shape[:-2], query.shape[-2], key.shape[-2])
-    grad_query = grad_scores @ key
-    grad_key = grad_scores.transpose(-1, -2) @ query
-    return grad_query, grad_key, grad_value, grad_lam
+    pos.mul_(grad_diff.sub_(sub_pos))
+    return grad_lam
 
 
 @stream_difference_backward.register_fake
@@ -379,10 +469,21 @@ class VisualContrastAttention(Attention):
         else:
             content = F.adaptive_avg_pool2d(self._grid(q), self.contrast_grid).flatten(2)
             content = content.unflatten(1, (M, d)).transpose(-1, -2).unsqueeze(2)
-            tokens = (content + tokens) * d**-0.5
+            tokens = (content + tokens).mul_(d**-0.5)
         return tokens.flatten(2, 3).expand(B, -1, -1, -1)
 
     def mix(self, q, k, v) -> torch.Tensor:
+        out = merge_heads(self._contrast_stages(q, k, v))
+        if self.dwc is not None:
+            conv = self._depthwise_conv(v)
+            # In place into Stage II's own output (flash attention's is saved for its backward):
+            # no third N x C tensor beside the two.
+            out = out.add_(conv) if self.stage2_diff else out + conv
+        return out
+
+    def _contrast_stages(self, q, k, v) -> torch.Tensor:
+        """Stage I and Stage II, as (B, M, N, d) heads (stored merged when Stage II is
+        differential). The contrast tokens and v_hat die when it returns, before the conv."""
         tokens = self._stream_tokens(q)
         pos = tokens[:, :, : tokens.shape[2] // 2]
         if self.stage1_diff:
@@ -390,17 +491,12 @@ class VisualContrastAttention(Attention):
             v_hat = self.norm1(stream_difference(tokens, k, v, lam, in_keys=False), 1 - init)
         else:
             v_hat = F.scaled_dot_product_attention(pos, k, v, scale=1.0)
-        if self.stage2_diff:
-            lam, init = self.lambda2()
-            joint = self.stage2_softmax == "joint"
-            out = stream_difference(q, tokens, v_hat, lam, in_keys=True, joint=joint)
-            out = self.norm2(out, 1 - init)
-        else:
-            out = F.scaled_dot_product_attention(q, pos, v_hat.to(q.dtype), scale=1.0)
-        out = merge_heads(out)
-        if self.dwc is not None:
-            out = out + self._depthwise_conv(v)
-        return out
+        if not self.stage2_diff:
+            return F.scaled_dot_product_attention(q, pos, v_hat.to(q.dtype), scale=1.0)
+        lam, init = self.lambda2()
+        joint = self.stage2_softmax == "joint"
+        out = stream_difference(q, tokens, v_hat, lam, in_keys=True, joint=joint)
+        return self.norm2(out, 1 - init)
 
     def _depthwise_conv(self, v: torch.Tensor) -> torch.Tensor:
         """`dwc` of the (B, M, N, d) heads v on the grid, as (B, N, C) tokens (zero at the

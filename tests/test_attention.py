@@ -149,10 +149,15 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("in_parts", [False, True], ids=["whole", "parts"])
 @pytest.mark.parametrize("variant,softmax_mode,dwc", VARIANTS)
-def test_vca_matches_reference(variant, softmax_mode, dwc):
+def test_vca_matches_reference(monkeypatch, variant, softmax_mode, dwc, in_parts):
     """Output and every gradient (input and parameters, through the hand-written backward of
-    the stacked-stream products) equal autograd through the reference, in float64."""
+    the stacked-stream products and of the norms) equal autograd through the reference, in
+    float64; so does the output without autograd (norms in place). `parts`: the products run
+    in as many parts as MAP_SHARE asks, as they do for large maps."""
+    if in_parts:
+        monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
     g = torch.Generator().manual_seed(0)
     layer = 3
     mod = VisualContrastAttention(
@@ -174,6 +179,8 @@ def test_vca_matches_reference(variant, softmax_mode, dwc):
     expected = reference_vca(mod, x, layer)
     expected_grads = torch.autograd.grad((expected * cotangent).sum(), params)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x), expected, rtol=1e-10, atol=1e-10)
     names = ["x", *(name for name, _ in mod.named_parameters())]
     for name, got, want in zip(names, grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
@@ -460,27 +467,88 @@ def test_vca_under_bf16_autocast_stays_close_to_float64(softmax_mode):
 
 
 @pytest.mark.parametrize("in_keys, joint", [(False, False), (True, False), (True, True)])
-def test_stream_difference_in_chunks_of_heads_equals_all_heads_at_once(monkeypatch, in_keys, joint):
-    """The forward's head chunks (as at 4096 tokens) give the one-product result, and hold
-    fewer bytes at their peak."""
+def test_stream_difference_in_parts_equals_one_product(monkeypatch, in_keys, joint):
+    """The parts large maps are formed in (query rows in Stage II, heads in Stage I) give the
+    one-product output and gradients, and hold fewer bytes at their peak."""
     from bench.attention import LiveTensorBytes
 
     g = torch.Generator().manual_seed(0)
-    B_, M_, N_, n_ = 2, 3, 64, 16  # maps (2n per row) outweigh the output (d per row)
+    B_, M_, N_, n_ = 2, 3, 64, 16  # maps (2n per row) outweigh the N-token tensors (d per row)
     rows = N_ if in_keys else 2 * n_
     cols = 2 * n_ if in_keys else N_
-    query = torch.randn(B_, M_, rows, D, generator=g, dtype=torch.float64)
-    key = torch.randn(B_, M_, cols, D, generator=g, dtype=torch.float64)
-    value = torch.randn(B_, M_, n_ if in_keys else N_, D, generator=g, dtype=torch.float64)
-    lam = torch.tensor(0.3, dtype=torch.float64)
+    query = torch.randn(B_, M_, rows, D, generator=g, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(B_, M_, cols, D, generator=g, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(
+        B_, M_, n_ if in_keys else N_, D, generator=g, dtype=torch.float64, requires_grad=True
+    )
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    inputs = (query, key, value, lam)
+    cotangent = torch.randn(B_, M_, N_ if in_keys else n_, D, generator=g, dtype=torch.float64)
 
-    def peak_and_result():
-        with LiveTensorBytes() as counter, InlineCustomOps():
-            out = attention.stream_difference_op(query, key, value, lam, in_keys, joint)
-        return counter.peak, out
+    def run():
+        with torch.no_grad(), LiveTensorBytes() as counter, InlineCustomOps():
+            stream_difference_op(*inputs, in_keys, joint)
+        out = stream_difference_op(*inputs, in_keys, joint)
+        return counter.peak, [out, *torch.autograd.grad((out * cotangent).sum(), inputs)]
 
-    whole_peak, whole = peak_and_result()
-    monkeypatch.setattr(attention, "MAP_CHUNK_ENTRIES", rows * cols)  # one head at a time
-    chunked_peak, chunked = peak_and_result()
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    assert chunked_peak < whole_peak
+    assert len(list(attention.product_parts(query, key, in_keys))) == 1
+    whole_peak, whole = run()
+    monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
+    parts = len(list(attention.product_parts(query, key, in_keys)))
+    assert parts == M_ if not in_keys else parts > M_  # rows: maps of 2n = 32 against d = 12
+    parts_peak, in_parts = run()
+    for got, expected in zip(in_parts, whole, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert parts_peak < whole_peak
+
+
+def test_stage_two_output_is_stored_with_the_heads_merged():
+    """Merging Stage II's heads into (B, N, C) is a view of its output, not a copy."""
+    q = torch.randn(2, HEADS, 16, D)
+    tokens, v_hat = torch.randn(2, HEADS, 8, D), torch.randn(2, HEADS, 4, D)
+    out = stream_difference_op(q, tokens, v_hat, torch.tensor(0.5), True, False)
+    merged = attention.merge_heads(out)
+    assert merged.is_contiguous() and merged.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_in_place_and_with_autograd_agree_with_f_rms_norm(dtype):
+    """The norm without autograd (in place) and with it (saving x and the inverse RMS only)
+    give the same values, those of F.rms_norm up to the rounding of the statistics; in float64
+    the hand-written backward passes gradcheck."""
+    g = torch.Generator().manual_seed(0)
+    norm = attention.RMSNorm(D).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g))
+    x = torch.randn(2, 3, 5, D, generator=g).to(dtype)
+    scale = torch.tensor(0.7, dtype=dtype)
+    expected = torch.nn.functional.rms_norm(x, (D,), (norm.weight * scale).to(dtype), norm.eps)
+    with_grad = norm(x.clone().requires_grad_(), scale)
+    with torch.no_grad():
+        in_place = x.clone()
+        assert norm(in_place, scale).data_ptr() == in_place.data_ptr()
+    assert torch.equal(with_grad.detach(), in_place)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(in_place, expected, rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        weight = torch.randn(D, dtype=dtype, requires_grad=True)
+        x = x.requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, w: attention.RMSNormFunction.apply(a, w, 1e-5), (x, weight)
+        )
+
+
+def test_vca_layer_memory_stays_within_a_quarter_of_mhsa_once_in_parts(monkeypatch):
+    """With the maps in parts, Stage II written with the heads merged, the norms in place and
+    the conv added in place, a forward holds qkv (3), the output and one more (N, C) tensor
+    (the conv's) against MHSA's 4, and training's saved activations add at most a quarter
+    (the norm keeps x and its inverse RMS, not the normalised x)."""
+    from bench.attention import peak_memory_mb
+
+    monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
+    for backward in (False, True):
+        peaks = {
+            kind: peak_memory_mb(kind, "S", 1024, 1, torch.device("cpu"), "fp32", backward, "layer")
+            for kind in ("mhsa", "vca")
+        }
+        assert peaks["vca"] <= 1.25 * peaks["mhsa"], (backward, peaks)

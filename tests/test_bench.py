@@ -38,6 +38,38 @@ def test_attention_benchmark_times_the_mixing_alone(tmp_path):
     assert all(r["peak_mb"]["vca"] >= 0 for r in rows)
 
 
+def test_attention_benchmark_measures_memory_alone_and_the_report_shows_it(tmp_path):
+    """--no-timing writes memory rows with each mixer's ratio to the first; the report makes
+    a table of them (no speed bars), and the counts equal peak_memory_mb called directly."""
+    import torch
+
+    from bench.attention import peak_memory_mb
+
+    out = tmp_path / "attention-memory.json"
+    cmd = [sys.executable, "-m", "bench.attention", "--widths", "T", "--tokens", "64",
+           "--batch", "3", "--no-timing", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and not any("ms" in r for r in rows)
+    for row in rows:
+        backward = row["pass"] == "fwd+bwd"
+        for kind in ("mhsa", "vca"):
+            expected = peak_memory_mb(
+                kind, "T", 64, 3, torch.device("cpu"), "fp32", backward, "layer"
+            )
+            assert row["peak_mb"][kind] == expected
+    ratio = rows[0]["peak_mb"]["vca"] / rows[0]["peak_mb"]["mhsa"]
+    assert f"| {ratio:.2f}x |" in result.stdout
+    report = subprocess.run([sys.executable, "-m", "bench.report", "--dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "README.md").read_text()
+    assert "| layer | T | 64 | fwd | fp32 | 3 |" in page and f"{ratio:.2f}x" in page
+    both = subprocess.run(cmd + ["--no-memory"], cwd=REPO, capture_output=True, text=True)
+    assert both.returncode == 2 and "nothing to measure" in both.stderr
+
+
 def test_mixing_only_equals_the_layer_without_its_projections():
     import torch
 
