@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) -m bench.attention --widths S XL --tokens 256 1024 4096 --out bench/results/attention.json
 	$(PY) -m bench.attention --part mixing --widths S XL --tokens 256 1024 4096 \
 	    --out bench/results/attention-mixing.json
+	$(PY) -m bench.attention --no-timing --batch 16 --widths S XL --tokens 256 1024 4096 \
+	    --out bench/results/attention-memory-b16.json
 	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 3
 	$(PY) -m bench.compile_time --model DiT-S/2 --image-size 256 --batch 4
 	$(PY) -m bench.sampling --batch 1 --steps 25
