@@ -19,7 +19,6 @@ from . import compile_time, sampling, train_step
 
 BENCHMARKS = ("attention", "train_step", "compile_time", "sampling")
 TITLES = {
-    "attention": "Attention layer: MHSA against VCA",
     "train_step": "Training step: original DiT recipe (reference) against ours (fast)",
     "compile_time": "Cold compile time of the training step's blocks",
     "sampling": "Sampling, VAE decode included: sample.py recipe (reference) against ours (fast)",
@@ -49,6 +48,16 @@ def attention_table(payload: dict) -> tuple[list, list]:
             cell += [f"{peak[k] / peak[base]:.2f}x" for k in kinds[1:]]
         cells.append(cell)
     return header, cells
+
+
+def title(name: str, payload: dict) -> str:
+    """The section's heading; an attention run says what it covers and measures."""
+    if name != "attention":
+        return TITLES[name]
+    row = payload["rows"][0]
+    part = "Token mixing alone" if row.get("part") == "mixing" else "Attention layer"
+    measured = "time and peak memory" if "peak_mb" in row else "time"
+    return f"{part}, {'peak memory' if 'ms' not in row else measured}: MHSA against VCA"
 
 
 TABLES = {
@@ -109,7 +118,7 @@ def main(argv=None):
         with open(path) as f:
             payload = json.load(f)
         header, cells = TABLES[name](payload)
-        lines += [f"## {TITLES[name]}", "", f"Device: {payload.get('device', '?')}, torch "]
+        lines += [f"## {title(name, payload)}", "", f"Device: {payload.get('device', '?')}, torch "]
         lines[-1] += f"{payload['torch']}; command: `python -m bench.{name} "
         lines[-1] += " ".join(payload["argv"]) + "`"
         lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

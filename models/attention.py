@@ -219,9 +219,10 @@ def product_parts(query, key, in_keys: bool):
 
     With 2n map columns per d-wide token, the maps of a whole stage outweigh the N-token
     tensors (2x at n = d) and would set the layer's peak memory; in parts they stay a quarter
-    of one. Parts below MIN_PART_ENTRIES map entries are not split further: each part costs a
-    fixed ~50 us of launches on this CPU (more on a GPU), which at batch 1 and 256 tokens
-    would make the product 1.6x slower, while above it parts cost no time."""
+    of one. Parts below MIN_PART_ENTRIES map entries are not split further: each part costs
+    about 50 us of fixed overhead on this CPU (kernel launches on a GPU), which at batch 1 and
+    256 tokens makes 8 parts twice as slow as one product, while parts above it cost no time
+    that the noise of the machine lets us see."""
     tokens = query if in_keys else key
     map_entries = query.shape[:-1].numel() * key.shape[-2]
     axis = -2 if in_keys else -3

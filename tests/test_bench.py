@@ -65,6 +65,7 @@ def test_attention_benchmark_measures_memory_alone_and_the_report_shows_it(tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert report.returncode == 0, report.stderr[-2000:]
     page = (tmp_path / "README.md").read_text()
+    assert "## Attention layer, peak memory: MHSA against VCA" in page
     assert "| layer | T | 64 | fwd | fp32 | 3 |" in page and f"{ratio:.2f}x" in page
     both = subprocess.run(cmd + ["--no-memory"], cwd=REPO, capture_output=True, text=True)
     assert both.returncode == 2 and "nothing to measure" in both.stderr
