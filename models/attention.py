@@ -209,7 +209,9 @@ def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
 
 
 MAP_SHARE = 4  # a part's maps hold at most 1/MAP_SHARE of the entries of the N-token operand
-MIN_PART_ENTRIES = 1 << 19  # ... unless that makes parts smaller than this (2 MB of fp32)
+# ... unless that makes parts smaller than this, by device type: 2 MB of fp32 on CPUs; 32 MB
+# of bf16 elsewhere, where a launch costs more and memory less (not yet measured on a GPU).
+MIN_PART_ENTRIES = {"cpu": 1 << 19, "other": 1 << 24}
 
 
 def product_parts(query, key, in_keys: bool):
@@ -228,7 +230,8 @@ def product_parts(query, key, in_keys: bool):
     axis = -2 if in_keys else -3
     length = query.shape[axis] if query.dim() >= -axis else 1
     by_share = -(-MAP_SHARE * map_entries // max(tokens.numel(), 1))
-    parts = max(1, min(length, by_share, map_entries // MIN_PART_ENTRIES))
+    smallest = MIN_PART_ENTRIES.get(query.device.type, MIN_PART_ENTRIES["other"])
+    parts = max(1, min(length, by_share, map_entries // smallest))
     step = -(-length // parts)
     for start in range(0, length, step):
         rows = slice(start, start + step)

@@ -157,7 +157,7 @@ def test_vca_matches_reference(monkeypatch, variant, softmax_mode, dwc, in_parts
     float64; so does the output without autograd (norms in place). `parts`: the products run
     in as many parts as MAP_SHARE asks, as they do for large maps."""
     if in_parts:
-        monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
+        monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
     g = torch.Generator().manual_seed(0)
     layer = 3
     mod = VisualContrastAttention(
@@ -493,13 +493,27 @@ def test_stream_difference_in_parts_equals_one_product(monkeypatch, in_keys, joi
 
     assert len(list(attention.product_parts(query, key, in_keys))) == 1
     whole_peak, whole = run()
-    monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
+    monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
     parts = len(list(attention.product_parts(query, key, in_keys)))
     assert parts == M_ if not in_keys else parts > M_  # rows: maps of 2n = 32 against d = 12
     parts_peak, in_parts = run()
     for got, expected in zip(in_parts, whole, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     assert parts_peak < whole_peak
+
+
+def test_product_parts_split_only_large_maps_with_a_device_dependent_floor():
+    """DiT-S/2's Stage II at 256 tokens: at batch 1 the maps (196K entries) stay whole on the
+    CPU; at batch 16 (3.1M) they run in 6 parts of 512K; on other devices, where the floor is
+    16M entries, in one. Every query row is in exactly one part."""
+    tokens = torch.empty(1, 6, 128, 64)
+    assert len(list(attention.product_parts(torch.empty(1, 6, 256, 64), tokens, True))) == 1
+    query = torch.empty(16, 6, 256, 64)
+    parts = list(attention.product_parts(query, tokens.expand(16, -1, -1, -1), True))
+    rows = torch.cat([torch.arange(256)[part[-2]] for part, _ in parts])
+    assert len(parts) == 6 and torch.equal(rows, torch.arange(256))
+    meta = (query.to("meta"), tokens.to("meta").expand(16, -1, -1, -1))
+    assert len(list(attention.product_parts(*meta, True))) == 1
 
 
 def test_stage_two_output_is_stored_with_the_heads_merged():
@@ -545,7 +559,7 @@ def test_vca_layer_memory_stays_within_a_quarter_of_mhsa_once_in_parts(monkeypat
     (the norm keeps x and its inverse RMS, not the normalised x)."""
     from bench.attention import peak_memory_mb
 
-    monkeypatch.setattr(attention, "MIN_PART_ENTRIES", 1)
+    monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
     for backward in (False, True):
         peaks = {
             kind: peak_memory_mb(kind, "S", 1024, 1, torch.device("cpu"), "fp32", backward, "layer")
