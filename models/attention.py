@@ -58,8 +58,8 @@ class RMSNorm(nn.Module):
 
 
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / sqrt(mean(x^2) + eps) over the last dim in fp32 or wider, with no x-sized
-    temporary."""
+    """1 / sqrt(mean(x^2) + eps) over the last dim in fp32 or wider: no x-sized temporary for
+    fp32 and float64 x (vector_norm widens a bf16 x on the CPU first)."""
     stats = torch.promote_types(x.dtype, torch.float32)
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=stats)
     return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
@@ -74,18 +74,25 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         inverse = inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, inverse)
-        return (x * inverse).to(x.dtype) * weight
+        return normalised(x, inverse).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, inverse = ctx.saved_tensors
-        grad_weight = (grad * (x * inverse).to(x.dtype)).sum(tuple(range(x.dim() - 1)))
+        leading = tuple(range(x.dim() - 1))
+        grad_weight = grad * normalised(x, inverse)
+        grad_weight = grad_weight.sum(leading) if leading else grad_weight
         grad_normed = (grad * weight).to(inverse.dtype)
-        wide = x.to(inverse.dtype)
         # d/dx of x * r with r = (mean(x^2) + eps)^(-1/2): r * g - x * r^3 * mean(g * x)
-        correction = (grad_normed * wide).mean(-1, keepdim=True) * inverse.square()
-        grad_x = grad_normed.sub_(wide * correction).mul_(inverse)
+        correction = (grad_normed * x).mean(-1, keepdim=True) * inverse.square()
+        grad_x = grad_normed.sub_(x * correction).mul_(inverse)
         return grad_x.to(x.dtype), grad_weight, None
+
+
+def normalised(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x * inverse computed in inverse's dtype and stored in x's dtype and layout; for a
+    narrower x (bf16) in place into a copy, with no wide x-sized tensor between."""
+    return x * inverse if x.dtype == inverse.dtype else x.clone().mul_(inverse)
 
 
 class DiffLambda(nn.Module):
@@ -221,18 +228,22 @@ def product_parts(query, key, in_keys: bool):
 
     With 2n map columns per d-wide token, the maps of a whole stage outweigh the N-token
     tensors (2x at n = d) and would set the layer's peak memory; in parts they stay a quarter
-    of one. Parts below MIN_PART_ENTRIES map entries are not split further: each part costs
-    about 50 us of fixed overhead on this CPU (kernel launches on a GPU), which at batch 1 and
-    256 tokens makes 8 parts twice as slow as one product, while parts above it cost no time
-    that the noise of the machine lets us see."""
+    of one (in Stage I at most one head's share: a third at DiT-S's 6 heads). Parts below
+    MIN_PART_ENTRIES map entries are not split further: each part costs about 50 us of fixed
+    overhead on this CPU (kernel launches on a GPU), which at batch 1 and 256 tokens makes 8
+    parts twice as slow as one product, while parts above it cost no time that the noise of
+    the machine lets us see."""
+    axis = -2 if in_keys else -3
+    if query.dim() < -axis:  # no head axis to split: one product
+        yield (...,), (...,)
+        return
     tokens = query if in_keys else key
     map_entries = query.shape[:-1].numel() * key.shape[-2]
-    axis = -2 if in_keys else -3
-    length = query.shape[axis] if query.dim() >= -axis else 1
+    length = query.shape[axis]
     by_share = -(-MAP_SHARE * map_entries // max(tokens.numel(), 1))
     smallest = MIN_PART_ENTRIES.get(query.device.type, MIN_PART_ENTRIES["other"])
     parts = max(1, min(length, by_share, map_entries // smallest))
-    step = -(-length // parts)
+    step = max(1, -(-length // parts))
     for start in range(0, length, step):
         rows = slice(start, start + step)
         if in_keys:
@@ -269,8 +280,8 @@ def stream_difference_op(
     against the N keys) or of the keys (`in_keys=True`, Stage II: the N queries against 2n
     stream keys; the softmax is taken per stream, or over both with `joint`). One product
     scores both streams, and the difference of the maps is taken before the values are
-    multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream. The
-    product runs in `product_parts`, so the maps never outweigh the output.
+    multiplied: 3 n N d multiply-adds per head and stage, no N x d result per stream. Large
+    products run in `product_parts`, so that their maps stay a fraction of an N-token tensor.
 
     The backward recomputes the maps instead of keeping them, as flash attention does: a
     layer's saved activations hold no (N x 2n) map per head, at the price of one more
@@ -371,8 +382,7 @@ stream_difference_op.register_autograd(
 
 
 def stream_difference(query, key, value, lam, in_keys: bool, joint: bool = False):
-    """stream_difference_op in the query's dtype (under autocast a norm may hand over fp32
-    values)."""
+    """stream_difference_op with key and value in the query's dtype: the op takes one."""
     dtype = query.dtype
     return stream_difference_op(query, key.to(dtype), value.to(dtype), lam, in_keys, joint)
 

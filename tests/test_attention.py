@@ -516,6 +516,37 @@ def test_product_parts_split_only_large_maps_with_a_device_dependent_floor():
     assert len(list(attention.product_parts(*meta, True))) == 1
 
 
+@pytest.mark.parametrize("in_keys", [False, True], ids=["I", "II"])
+def test_stream_difference_without_a_head_axis_and_with_no_rows(in_keys):
+    """2-D inputs (one head, no batch) give the stage's formula; a product with no query rows
+    gives an empty output and zero gradients for the stream tokens."""
+    g = torch.Generator().manual_seed(0)
+    n_, N_ = 4, 10
+    big = torch.randn(N_, D, generator=g, dtype=torch.float64)
+    streams = torch.randn(2 * n_, D, generator=g, dtype=torch.float64)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    if in_keys:
+        v_hat = torch.randn(n_, D, generator=g, dtype=torch.float64)
+        scores = big @ streams.T
+        maps = softmax(scores[:, :n_]) - lam * softmax(scores[:, n_:])
+        expected = maps @ v_hat
+        args = (big, streams, v_hat)
+    else:
+        maps = softmax(streams @ big.T)
+        expected = (maps[:n_] - lam * maps[n_:]) @ big
+        args = (streams, big, big)
+    got = stream_difference_op(*args, lam, in_keys, False)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if in_keys:
+        query = torch.empty(1, 2, 0, D, requires_grad=True)
+        tokens = torch.randn(1, 2, 2 * n_, D, requires_grad=True)
+        out = stream_difference_op(
+            query, tokens, torch.randn(1, 2, n_, D), lam.float(), True, False
+        )
+        assert out.shape == (1, 2, 0, D)
+        assert not torch.autograd.grad(out.sum(), tokens)[0].any()
+
+
 def test_stage_two_output_is_stored_with_the_heads_merged():
     """Merging Stage II's heads into (B, N, C) is a view of its output, not a copy."""
     q = torch.randn(2, HEADS, 16, D)
@@ -547,9 +578,10 @@ def test_rms_norm_in_place_and_with_autograd_agree_with_f_rms_norm(dtype):
     if dtype == torch.float64:
         weight = torch.randn(D, dtype=dtype, requires_grad=True)
         x = x.requires_grad_()
-        assert torch.autograd.gradcheck(
-            lambda a, w: attention.RMSNormFunction.apply(a, w, 1e-5), (x, weight)
-        )
+        for tokens in (x, x[0, 0, 0]):  # and a single token, with no leading dims
+            assert torch.autograd.gradcheck(
+                lambda a, w: attention.RMSNormFunction.apply(a, w, 1e-5), (tokens, weight)
+            )
 
 
 def test_vca_layer_memory_stays_within_a_quarter_of_mhsa_once_in_parts(monkeypatch):
