@@ -547,6 +547,27 @@ def test_stream_difference_without_a_head_axis_and_with_no_rows(in_keys):
         assert not torch.autograd.grad(out.sum(), tokens)[0].any()
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_keys, joint", [(False, False), (True, False), (True, True)])
+def test_stream_maps_softmax_in_place_equals_the_out_of_place_softmax(
+    device, dtype, in_keys, joint
+):
+    """The maps are the softmax taken in place of the scores (`out=` its own input): bit for bit
+    torch.softmax's result, for short rows and for rows of thousands (other kernels on GPUs)."""
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(16, 8), (8, 6000)]:
+        query = torch.randn(2, 3, rows, D, generator=g).to(device, dtype)
+        key = torch.randn(2, 3, cols, D, generator=g).to(device, dtype)
+        scores = query @ key.transpose(-1, -2)
+        split = (2, 3, rows, 2, cols // 2) if in_keys else (2, 3, 2, rows // 2, cols)
+        expected = torch.softmax(scores if joint else scores.view(split), -1).view(split)
+        assert torch.equal(attention.stream_maps(query, key, in_keys, joint), expected)
+
+
 def test_stage_two_output_is_stored_with_the_heads_merged():
     """Merging Stage II's heads into (B, N, C) is a view of its output, not a copy."""
     q = torch.randn(2, HEADS, 16, D)
