@@ -56,8 +56,10 @@ def title(name: str, payload: dict) -> str:
         return TITLES[name]
     row = payload["rows"][0]
     part = "Token mixing alone" if row.get("part") == "mixing" else "Attention layer"
-    measured = "time and peak memory" if "peak_mb" in row else "time"
-    return f"{part}, {'peak memory' if 'ms' not in row else measured}: MHSA against VCA"
+    measured = " and ".join(
+        m for key, m in (("ms", "time"), ("peak_mb", "peak memory")) if key in row
+    )
+    return f"{part}, {measured}: MHSA against VCA"
 
 
 TABLES = {

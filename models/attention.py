@@ -210,8 +210,8 @@ def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
     scores = query @ key.transpose(-1, -2)
     *batch, rows, cols = scores.shape
     streams = (*batch, rows, 2, cols // 2) if in_keys else (*batch, 2, rows // 2, cols)
-    normalised = scores if joint else scores.view(streams)  # one softmax per last-dim row
-    torch.softmax(normalised, -1, out=normalised)
+    rows_of_one_softmax = scores if joint else scores.view(streams)
+    torch.softmax(rows_of_one_softmax, -1, out=rows_of_one_softmax)
     return scores.view(streams)
 
 
