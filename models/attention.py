@@ -264,6 +264,34 @@ def stream_difference_output(query, value, in_keys):
     return merged.transpose(-2, -3).reshape(*lead, rows, value.shape[-1])
 
 
+STREAM_KERNELS = ("aten", "triton")
+stream_kernel = "aten"  # set with set_stream_kernel
+
+
+def set_stream_kernel(name: str) -> None:
+    """Which kernels run the stream-difference products: "aten" (the default: batched GEMMs and
+    softmaxes, every device) or "triton" (models.triton_streams: one fused kernel per stage and
+    pass, on CUDA tensors; other devices and shapes keep the aten kernels). Process-wide, and
+    outside torch.compile's graphs, which see the op as one node either way."""
+    global stream_kernel
+    if name not in STREAM_KERNELS:
+        choices = ", ".join(STREAM_KERNELS)
+        raise ValueError(f"unknown stream kernel {name!r}; choose one of {choices}")
+    if name == "triton":
+        import models.triton_streams  # noqa: F401  fails here, not mid-step, without Triton
+    stream_kernel = name
+
+
+def _fused_kernels(query, key, value, in_keys):
+    """models.triton_streams when it is chosen and takes these operands, else None."""
+    if stream_kernel != "triton":
+        return None
+    from models import triton_streams
+
+    runs = triton_streams.runs_on(query) and triton_streams.supports(query, key, value, in_keys)
+    return triton_streams if runs else None
+
+
 @custom_op("stream_difference")
 def stream_difference_op(
     query: torch.Tensor,
@@ -290,6 +318,10 @@ def stream_difference_op(
     block would compile a dozen more generated kernels (1.55x MHSA's compile time, against
     1.36x as an opaque op)."""
     out = stream_difference_output(query, value, in_keys)
+    fused = _fused_kernels(query, key, value, in_keys)
+    if fused is not None:
+        fused.forward(query, key, value, lam, in_keys, joint, out)
+        return out
     for part, shared in product_parts(query, key, in_keys):
         _stream_difference(query[part], key[shared], value[shared], lam, in_keys, joint, out[part])
     return out
@@ -318,6 +350,9 @@ def stream_difference_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of stream_difference_op for query, key, value and lam, in the forward's
     parts: Stage II's parts share key and value, whose gradients add up over them."""
+    fused = _fused_kernels(query, key, value, in_keys)
+    if fused is not None:
+        return fused.backward(grad, query, key, value, lam, in_keys, joint)
     parts = list(product_parts(query, key, in_keys))
     if len(parts) == 1:
         return _stream_difference_grads(grad, query, key, value, lam, in_keys, joint)

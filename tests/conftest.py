@@ -1,14 +1,23 @@
 """Shared fixtures: a random-weight Inception saved as a weights file (the real one cannot be
-downloaded here), loaded through the same `weights_path` route real offline runs use."""
+downloaded here), loaded through the same `weights_path` route real offline runs use; the
+Triton stream kernels chosen for one test."""
 
 import functools
+import os
 from unittest import mock
 
 import pytest
 import torch
-from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
-from metrics import WEIGHTS_FILE
+# Triton picks its interpreter when it is imported (torch_fidelity imports it): without a GPU,
+# the Triton stream kernels run interpreted on CPU tensors, which is how the tests check them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch_fidelity import feature_extractor_inceptionv3 as tfi  # noqa: E402
+
+from metrics import WEIGHTS_FILE  # noqa: E402
+from models import attention  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +40,11 @@ def weights_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILE
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def triton_stream_kernels():
+    """set_stream_kernel("triton") for one test, the aten kernels again after it."""
+    attention.set_stream_kernel("triton")
+    yield
+    attention.set_stream_kernel("aten")

@@ -2,6 +2,7 @@
 matmuls and softmaxes, pooling by block means, a depthwise conv by shifted sums."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import attention
+from models import attention, triton_streams
 from models.attention import (
     ATTENTIONS,
     DifferentialAttention,
@@ -149,15 +150,23 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("in_parts", [False, True], ids=["whole", "parts"])
+@pytest.mark.parametrize("products", ["whole", "parts", "triton"])
 @pytest.mark.parametrize("variant,softmax_mode,dwc", VARIANTS)
-def test_vca_matches_reference(monkeypatch, variant, softmax_mode, dwc, in_parts):
+def test_vca_matches_reference(request, monkeypatch, variant, softmax_mode, dwc, products):
     """Output and every gradient (input and parameters, through the hand-written backward of
     the stacked-stream products and of the norms) equal autograd through the reference, in
     float64; so does the output without autograd (norms in place). `parts`: the products run
-    in as many parts as MAP_SHARE asks, as they do for large maps."""
-    if in_parts:
+    in as many parts as MAP_SHARE asks, as they do for large maps; `triton`: in the Triton
+    kernels (interpreted on the CPU), as set_stream_kernel("triton") runs them on GPUs."""
+    if products == "parts":
         monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
+    device = "cpu"
+    if products == "triton":
+        request.getfixturevalue("triton_stream_kernels")
+        device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+        launches = []
+        forward = triton_streams.forward
+        monkeypatch.setattr(triton_streams, "forward", lambda *a: launches.append(forward(*a)))
     g = torch.Generator().manual_seed(0)
     layer = 3
     mod = VisualContrastAttention(
@@ -171,8 +180,9 @@ def test_vca_matches_reference(monkeypatch, variant, softmax_mode, dwc, in_parts
         dwc=dwc,
     ).double()
     randomise(mod, g)
-    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64, requires_grad=True)
-    cotangent = torch.randn(B, H * W, C, generator=g, dtype=torch.float64)
+    mod.to(device)
+    x = torch.randn(B, H * W, C, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    cotangent = torch.randn(B, H * W, C, generator=g, dtype=torch.float64).to(device)
     params = [x, *mod.parameters()]
     out = mod(x)
     grads = torch.autograd.grad((out * cotangent).sum(), params)
@@ -184,6 +194,7 @@ def test_vca_matches_reference(monkeypatch, variant, softmax_mode, dwc, in_parts
     names = ["x", *(name for name, _ in mod.named_parameters())]
     for name, got, want in zip(names, grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    assert products != "triton" or launches, "the Triton kernels did not run"
 
 
 @pytest.mark.parametrize("prefix,softmax_mode", [(1, "separate"), (2, "joint")])

@@ -1,0 +1,106 @@
+"""The Triton stream kernels (models.triton_streams) against the aten kernels of the same op,
+which tests/test_attention.py checks against float64 formulas: without a GPU on CPU tensors
+through Triton's interpreter (conftest.py turns it on), with one on CUDA tensors, compiled. The
+interpreter's bf16 tl.dot is wrong (it multiplies the raw bits), so bf16 is checked on CUDA only."""
+
+import os
+
+import pytest
+import torch
+
+from models import attention, triton_streams
+from models.attention import stream_difference_op
+
+STAGES = [(False, False), (True, False), (True, True)]
+STAGE_IDS = ["I", "II-separate", "II-joint"]
+# (batch, heads, N, n, d): three row and key blocks with a split backward and sizes that are no
+# power of two; XL's head width; one stream token per stream and the narrowest head.
+SHAPES = [(2, 3, 150, 5, 12), (1, 2, 64, 16, 72), (3, 1, 17, 1, 8)]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:
+    CASES = [("cpu", torch.float64), ("cpu", torch.float32)]
+else:
+    CASES = [("cuda", torch.float64), ("cuda", torch.float32), ("cuda", torch.bfloat16)]
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def operands(in_keys, shape, dtype, device, generator):
+    """query, key, value and lambda laid out as VCA passes them: heads as strided views of one
+    qkv projection, the stream tokens of one head expanded over the batch."""
+    batch, heads, tokens, n, d = shape
+
+    def randn(*size):
+        return torch.randn(*size, generator=generator, dtype=torch.float64).to(device, dtype)
+
+    qkv = randn(batch, tokens, 3, heads, d).transpose(1, 3)  # (batch, heads, 3, N, d)
+    streams = randn(1, heads, 2 * n, d).expand(batch, -1, -1, -1)
+    lam = randn(()).abs()
+    if in_keys:
+        return qkv[:, :, 0], streams, randn(batch, heads, n, d), lam
+    return streams, qkv[:, :, 1], qkv[:, :, 2], lam
+
+
+def output_and_gradients(inputs, cotangent, in_keys, joint):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = stream_difference_op(*leaves, in_keys, joint)
+    return (out, *torch.autograd.grad((out * cotangent).sum(), leaves))
+
+
+@pytest.mark.parametrize(
+    "device,dtype", CASES, ids=[f"{device}-{str(dtype)[6:]}" for device, dtype in CASES]
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=["blocks", "xl-width", "smallest"])
+@pytest.mark.parametrize("in_keys, joint", STAGES, ids=STAGE_IDS)
+def test_triton_kernels_equal_the_aten_kernels(
+    triton_stream_kernels, device, dtype, shape, in_keys, joint
+):
+    """Output and the gradients of query, key, value and lambda, strided and expanded operands
+    as VCA passes them; bf16 against the aten kernels in float64 on the same values."""
+    inputs = operands(in_keys, shape, dtype, device, torch.Generator().manual_seed(0))
+    assert attention._fused_kernels(*inputs[:3], in_keys) is triton_streams
+    out_shape = stream_difference_op(*inputs, in_keys, joint).shape
+    cotangent = torch.randn(out_shape, dtype=torch.float64).to(device, dtype)
+    got = output_and_gradients(inputs, cotangent, in_keys, joint)
+
+    attention.set_stream_kernel("aten")
+    wide = torch.float64 if dtype == torch.bfloat16 else dtype
+    inputs, cotangent = [t.to(wide) for t in inputs], cotangent.to(wide)
+    want = output_and_gradients(inputs, cotangent, in_keys, joint)
+    for name, g, w in zip(["out", "query", "key", "value", "lambda"], got, want, strict=True):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        tol = TOLERANCE[dtype] * max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.to(wide), w, rtol=0, atol=tol, msg=name)
+
+
+def test_operands_the_kernels_do_not_take_keep_the_aten_kernels(triton_stream_kernels):
+    """More than 128 tokens per stream, or no head axis: the aten kernels run, and the op's
+    result is theirs."""
+    generator = torch.Generator().manual_seed(1)
+    device = "cpu" if INTERPRETED else "cuda"
+    q, k, v, lam = operands(True, (1, 2, 40, 129, 8), torch.float64, device, generator)
+    assert attention._fused_kernels(q, k, v, True) is None
+    assert attention._fused_kernels(q[0], k[0], v[0], True) is None
+    q, k, v, lam = operands(True, (1, 2, 40, 128, 8), torch.float64, device, generator)
+    assert attention._fused_kernels(q, k, v, True) is triton_streams
+    fused = stream_difference_op(q, k, v, lam, True, False)
+    attention.set_stream_kernel("aten")
+    torch.testing.assert_close(fused, stream_difference_op(q, k, v, lam, True, False))
+
+
+def test_cpu_tensors_without_the_interpreter_keep_the_aten_kernels(monkeypatch):
+    """runs_on reads the environment at each call; the kernels stay defined as they were."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, lam = operands(False, (1, 2, 16, 4, 8), torch.float32, "cpu", torch.Generator())
+    attention.set_stream_kernel("triton")
+    try:
+        assert attention._fused_kernels(q, k, v, False) is None
+        out = stream_difference_op(q, k, v, lam, False, False)
+    finally:
+        attention.set_stream_kernel("aten")
+    torch.testing.assert_close(out, stream_difference_op(q, k, v, lam, False, False))
+
+
+def test_set_stream_kernel_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="choose one of aten, triton"):
+        attention.set_stream_kernel("cuda")
+    assert attention.stream_kernel == "aten"
