@@ -19,7 +19,15 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from bench.common import device_name, requested_device, time_side_by_side, write_json
+from bench.common import (
+    MIXERS,
+    device_name,
+    requested_device,
+    split_mixer,
+    stream_kernel,
+    time_side_by_side,
+    write_json,
+)
 from common.cli import ArgumentParser
 from models import WIDTHS
 from models.attention import InlineCustomOps, build_attention
@@ -41,8 +49,10 @@ class MixingOnly(torch.nn.Module):
         return self.layer.mix(*heads)
 
 
-def make_layer(kind, width, tokens, device, dtype, part="layer"):
-    """The module to time and the width of its input (C for a layer, 3C for the mixing)."""
+def make_layer(spec, width, tokens, device, dtype, part="layer"):
+    """The module to time and the width of its input (C for a layer, 3C for the mixing); `spec`
+    is a mixer, or a VCA mixer with its stream kernel ("vca@triton")."""
+    kind = split_mixer(spec)[0]
     _, hidden, heads = WIDTHS[width]
     side = int(round(tokens**0.5))
     if side * side != tokens:
@@ -54,21 +64,22 @@ def make_layer(kind, width, tokens, device, dtype, part="layer"):
     return layer, hidden
 
 
-def run_once(layer, x, backward):
-    if backward:
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-        layer(x).float().square().mean().backward()
-    else:
-        with torch.no_grad():
-            layer(x)
+def run_once(layer, x, backward, spec="mhsa"):
+    with stream_kernel(split_mixer(spec)[1]):
+        if backward:
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).float().square().mean().backward()
+        else:
+            with torch.no_grad():
+                layer(x)
 
 
 def time_layers(layers, x, backward, reps, device):
     """Median seconds per call of each layer after one warm-up call, taking turns."""
-    for layer in layers.values():
-        run_once(layer, x, backward)
-    runs = {kind: functools.partial(run_once, layer, x, backward) for kind, layer in layers.items()}
+    for spec, layer in layers.items():
+        run_once(layer, x, backward, spec)
+    runs = {s: functools.partial(run_once, layer, x, backward, s) for s, layer in layers.items()}
     return time_side_by_side(runs, reps, device)
 
 
@@ -77,11 +88,11 @@ def operator_table(kind, args, device, dtype, rows: int = 15) -> str:
     layer, hidden = make_layer(kind, args.widths[0], args.tokens[0], device, dtype, args.part)
     x = torch.randn(args.batch, args.tokens[0], hidden, device=device, dtype=dtype)
     x.requires_grad_(True)
-    run_once(layer, x, True)
+    run_once(layer, x, True, kind)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.reps):
-            run_once(layer, x, True)
+            run_once(layer, x, True, kind)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
@@ -98,11 +109,11 @@ def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, par
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run_once(layer, x, backward)
+        run_once(layer, x, backward, kind)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     with LiveTensorBytes() as counter, InlineCustomOps():
-        run_once(layer, x, backward)
+        run_once(layer, x, backward, kind)
     return counter.peak / 2**20
 
 
@@ -158,7 +169,10 @@ def build_parser() -> ArgumentParser:
         "--attention",
         nargs="+",
         default=["mhsa", "vca"],
-        help="mixers to compare; the first is the baseline",
+        choices=MIXERS,
+        metavar="MIXER",
+        help="mixers to compare, the first the baseline (default: mhsa vca); vca@triton (any "
+        "VCA variant@triton) runs VCA's stream products in the Triton kernels, on CUDA",
     )
     parser.add_argument(
         "--widths", nargs="+", default=["S", "XL"], choices=WIDTHS, help="model widths"

@@ -1,6 +1,7 @@
 """Helpers shared by the training-step and sampling benchmarks: the VAE they run, fair timing of
 several configurations side by side, device facts, and the markdown/JSON output."""
 
+import contextlib
 import json
 import os
 import platform
@@ -11,8 +12,31 @@ import torch
 
 from engine.dist import resolve_device
 from engine.errors import UsageError
-from models import ATTENTIONS, MODEL_NAMES
+from models import ATTENTIONS, MODEL_NAMES, attention
 from models.codec import VAECodec, load_codec
+from models.config import VCA_FAMILY
+
+# "vca@triton": VCA whose stream products run in the Triton kernels (set_stream_kernel), to
+# time them side by side with the aten kernels and with MHSA.
+MIXERS = (*ATTENTIONS, *(f"{kind}@triton" for kind in VCA_FAMILY))
+
+
+def split_mixer(spec: str) -> tuple[str, str]:
+    """ "vca@triton" -> ("vca", "triton"); "vca" -> ("vca", "aten")."""
+    kind, _, kernel = spec.partition("@")
+    return kind, kernel or "aten"
+
+
+@contextlib.contextmanager
+def stream_kernel(kernel: str):
+    """The stream kernel `kernel` for the calls (and backwards) inside, the one before after."""
+    previous = attention.stream_kernel
+    attention.set_stream_kernel(kernel)
+    try:
+        yield
+    finally:
+        attention.set_stream_kernel(previous)
+
 
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json): random weights cost exactly what
 # the real ones do, so the benchmarks need no download. "tiny" keeps the 8x downsampling for tests.
@@ -49,7 +73,7 @@ def add_setup_args(parser, attention_help: str) -> None:
         help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
     )
     parser.add_argument(
-        "--attention", nargs="+", default=["mhsa", "vca"], choices=ATTENTIONS, help=attention_help
+        "--attention", nargs="+", default=["mhsa", "vca"], choices=MIXERS, help=attention_help
     )
     parser.add_argument(
         "--image-size", type=int, default=256, help="image side in pixels (default 256)"

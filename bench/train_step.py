@@ -47,6 +47,8 @@ from .common import (
     fast_precision,
     print_table,
     requested_device,
+    split_mixer,
+    stream_kernel,
     synchronize,
     time_side_by_side,
     write_json,
@@ -81,8 +83,8 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 class Setup:
     """One mode's model, EMA, optimizer and batch, and train.py's step that trains on them."""
 
-    def __init__(self, args, base_model, codec, settings, device):
-        self.device, self.codec = device, codec
+    def __init__(self, args, base_model, codec, settings, device, kernel="aten"):
+        self.device, self.codec, self.kernel = device, codec, kernel
         self.model = copy.deepcopy(base_model).to(device).train()
         self.ema = create_ema(self.model)
         self.opt = create_optimizer(self.model, lr=1e-4, fused=settings["fused_adamw"])
@@ -110,7 +112,8 @@ class Setup:
             self.batch = (mean, std, labels)
 
     def step(self) -> None:
-        self.train_step(*batch_latents(self.batch, self.codec, self.device))
+        with stream_kernel(self.kernel):
+            self.train_step(*batch_latents(self.batch, self.codec, self.device))
 
     def resident_bytes(self) -> int:
         tensors = [*self.model.parameters(), *self.ema.parameters(), *self.batch]
@@ -266,15 +269,16 @@ def main(argv=None):
     peak = peak_tflops(device, args.peak_tflops)
 
     setups, flops = {}, {}
-    for kind in args.attention:
+    for spec in args.attention:
+        kind, kernel = split_mixer(spec)
         torch.manual_seed(args.seed)
         base = create_model(
             args.model, attention=kind, input_size=side, in_channels=codec.latent_channels
         )
-        flops[kind] = step_flops(base, args, codec.latent_channels, side, device)
+        flops[spec] = step_flops(base, args, codec.latent_channels, side, device)
         for mode in MODES:
             torch.manual_seed(args.seed)
-            setups[kind, mode] = Setup(args, base, codec, settings[mode], device)
+            setups[spec, mode] = Setup(args, base, codec, settings[mode], device, kernel)
     first_step = {}
     for key, setup in setups.items():
         first_step[key] = time_side_by_side({key: setup.step}, 1, device)[key]

@@ -88,7 +88,7 @@ def reference_vca(mod, x, layer, prefix=0):
     variant = mod.variant
     n_grid = mod.contrast_grid
     if variant in ("emb", "diff"):
-        content = torch.zeros(x.shape[0], n_grid[0] * n_grid[1], C, dtype=torch.float64)
+        content = x.new_zeros(x.shape[0], n_grid[0] * n_grid[1], C)
     else:
         content = block_mean_pool(q[:, prefix:], (H, W), n_grid)
     pos = heads(content + mod.contrast_pos.double(), HEADS)

@@ -30,12 +30,35 @@ def test_attention_benchmark_times_the_mixing_alone(tmp_path):
     """--part mixing feeds the qkv projection's output to `mix`, skipping both projections."""
     out = tmp_path / "mixing.json"
     cmd = [sys.executable, "-m", "bench.attention", "--widths", "T", "--tokens", "64",
-           "--part", "mixing", "--reps", "1", "--out", str(out)]  # fmt: skip
+           "--part", "mixing", "--attention", "mhsa", "vca", "vca@triton", "--reps", "1",
+           "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["part"] for r in rows} == {"mixing"} and len(rows) == 2
-    assert all(r["peak_mb"]["vca"] >= 0 for r in rows)
+    assert all(r["peak_mb"]["vca"] >= 0 and r["ms"]["vca@triton"] > 0 for r in rows)
+
+
+def test_a_vca_at_triton_mixer_runs_forward_and_backward_in_the_triton_kernels(monkeypatch):
+    """The kernel is set around the backward too, and restored after (interpreted on the CPU)."""
+    import torch
+
+    from bench.attention import make_layer, run_once
+    from models import attention, triton_streams
+
+    calls = []
+    for name in ("forward", "backward"):
+        kernel = getattr(triton_streams, name)
+        spy = lambda *args, kernel=kernel, name=name: calls.append(name) or kernel(*args)  # noqa: E731
+        monkeypatch.setattr(triton_streams, name, spy)
+    device = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
+    layer, width = make_layer("vca@triton", "T", 64, device, torch.float32, "mixing")
+    x = torch.randn(1, 64, width, device=device, requires_grad=True)
+    run_once(layer, x, True, "vca@triton")
+    assert calls == ["forward", "forward", "backward", "backward"]  # Stage I, II; II, I
+    assert attention.stream_kernel == "aten"
+    run_once(layer, x, True, "vca")
+    assert len(calls) == 4
 
 
 def test_attention_benchmark_measures_memory_alone_and_the_report_shows_it(tmp_path):
