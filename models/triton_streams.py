@@ -44,6 +44,13 @@ def _tile(ptr, rows, cols, stride_row, stride_col, num_rows, num_cols):
 
 
 @triton.jit
+def _streams(ptr, rows, cols, stride_row, stride_col, n, num_cols):
+    """One head's positive and negative stream tokens: its rows [0, n) and [n, 2n)."""
+    pos = _tile(ptr, rows, cols, stride_row, stride_col, n, num_cols)
+    return pos, _tile(ptr + n * stride_row, rows, cols, stride_row, stride_col, n, num_cols)
+
+
+@triton.jit
 def _store(ptr, rows, cols, stride_row, stride_col, num_rows, num_cols, tile):
     mask = (rows[:, None] < num_rows) & (cols[None, :] < num_cols)
     offsets = rows[:, None] * stride_row + cols[None, :] * stride_col
@@ -89,9 +96,7 @@ def _stage2_forward(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    k_base = k_ptr + b * sk0 + h * sk1
-    k_pos = _tile(k_base, j, c, sk2, sk3, n, d)
-    k_neg = _tile(k_base + n * sk2, j, c, sk2, sk3, n, d)
+    k_pos, k_neg = _streams(k_ptr + b * sk0 + h * sk1, j, c, sk2, sk3, n, d)
     v = _tile(v_ptr + b * sv0 + h * sv1, j, c, sv2, sv3, n, d)
     q = _tile(q_ptr + b * sq0 + h * sq1, r, c, sq2, sq3, rows, d)
     lam = tl.load(lam_ptr).to(ACC)
@@ -118,9 +123,7 @@ def _stage2_backward(
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    k_base = k_ptr + b * sk0 + h * sk1
-    k_pos = _tile(k_base, j, c, sk2, sk3, n, d)
-    k_neg = _tile(k_base + n * sk2, j, c, sk2, sk3, n, d)
+    k_pos, k_neg = _streams(k_ptr + b * sk0 + h * sk1, j, c, sk2, sk3, n, d)
     v = _tile(v_ptr + b * sv0 + h * sv1, j, c, sv2, sv3, n, d)
     lam = tl.load(lam_ptr).to(ACC)
     g_kpos = tl.zeros((BLOCK_N, BLOCK_D), ACC)
@@ -181,9 +184,7 @@ def _stage1_forward(
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + b * sq0 + h * sq1
-    q_pos = _tile(q_base, j, c, sq2, sq3, n, d)
-    q_neg = _tile(q_base + n * sq2, j, c, sq2, sq3, n, d)
+    q_pos, q_neg = _streams(q_ptr + b * sq0 + h * sq1, j, c, sq2, sq3, n, d)
     m_pos = tl.full((BLOCK_N,), float("-inf"), ACC)
     m_neg = tl.full((BLOCK_N,), float("-inf"), ACC)
     l_pos = tl.zeros((BLOCK_N,), ACC)
@@ -229,9 +230,7 @@ def _stage1_backward(
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
-    q_base = q_ptr + b * sq0 + h * sq1
-    q_pos = _tile(q_base, j, c, sq2, sq3, n, d)
-    q_neg = _tile(q_base + n * sq2, j, c, sq2, sq3, n, d)
+    q_pos, q_neg = _streams(q_ptr + b * sq0 + h * sq1, j, c, sq2, sq3, n, d)
     lam = tl.load(lam_ptr).to(ACC)
     g_pos = _tile(g_ptr + b * sg0 + h * sg1, j, c, sg2, sg3, n, d).to(ACC)
     g_neg = -lam * g_pos
