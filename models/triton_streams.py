@@ -30,10 +30,12 @@ def runs_on(tensor: torch.Tensor) -> bool:
 
 
 def supports(query, key, value, in_keys: bool) -> bool:
-    """The shapes the kernels take: 4-D (batch, heads, rows, d) operands and at most 128 tokens
-    per stream (the stream tokens of one head sit in one program's registers)."""
+    """The shapes the kernels take: 4-D (batch, heads, rows, d) operands, none empty, and at
+    most 128 tokens per stream (the stream tokens of one head sit in one program's registers)."""
+    operands = (query, key, value)
     streams = key if in_keys else query
-    return query.dim() == key.dim() == value.dim() == 4 and streams.shape[-2] // 2 <= 128
+    four_d = all(t.dim() == 4 and t.numel() > 0 for t in operands)
+    return four_d and streams.shape[-2] // 2 <= 128
 
 
 @triton.jit

@@ -9,22 +9,22 @@ from unittest import mock
 import pytest
 import torch
 
-# Triton picks its interpreter when it is imported (torch_fidelity imports it): without a GPU,
-# the Triton stream kernels run interpreted on CPU tensors, which is how the tests check them.
+# Triton picks its interpreter when it is imported, which torch_fidelity and torch._dynamo do:
+# without a GPU, the Triton stream kernels run interpreted on CPU tensors, as the tests need.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from torch_fidelity import feature_extractor_inceptionv3 as tfi  # noqa: E402
-
-from metrics import WEIGHTS_FILE  # noqa: E402
-from models import attention  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def weights_file(tmp_path_factory):
     """torch-fidelity's constructor always loads weights: give it an empty, non-strict load (and no
     download), give the convolutions a ReLU-preserving init so 90 layers neither vanish nor blow
-    up, widen the classifier so softmaxes are peaked, and save the result as a weights file."""
+    up, widen the classifier so softmaxes are peaked, and save the result as a weights file.
+    (Imports here, not above: a GPU image without torch-fidelity still runs the kernel tests.)"""
+    from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+    from metrics import WEIGHTS_FILE
+
     torch.manual_seed(0)
     non_strict = functools.partialmethod(torch.nn.Module.load_state_dict, strict=False)
     with (
@@ -45,6 +45,8 @@ def weights_file(tmp_path_factory):
 @pytest.fixture
 def triton_stream_kernels():
     """set_stream_kernel("triton") for one test, the aten kernels again after it."""
+    from models import attention
+
     attention.set_stream_kernel("triton")
     yield
     attention.set_stream_kernel("aten")

@@ -73,13 +73,16 @@ def test_triton_kernels_equal_the_aten_kernels(
 
 
 def test_operands_the_kernels_do_not_take_keep_the_aten_kernels(triton_stream_kernels):
-    """More than 128 tokens per stream, or no head axis: the aten kernels run, and the op's
-    result is theirs."""
+    """More than 128 tokens per stream, no head axis, or no rows: the aten kernels run, and the
+    op's result is theirs."""
     generator = torch.Generator().manual_seed(1)
     device = "cpu" if INTERPRETED else "cuda"
     q, k, v, lam = operands(True, (1, 2, 40, 129, 8), torch.float64, device, generator)
     assert attention._fused_kernels(q, k, v, True) is None
     assert attention._fused_kernels(q[0], k[0], v[0], True) is None
+    q0, k0, v0, lam0 = operands(False, (1, 2, 0, 4, 8), torch.float64, device, generator)
+    assert attention._fused_kernels(q0, k0, v0, False) is None
+    assert stream_difference_op(q0, k0, v0, lam0, False, False).shape == (1, 2, 4, 8)
     q, k, v, lam = operands(True, (1, 2, 40, 128, 8), torch.float64, device, generator)
     assert attention._fused_kernels(q, k, v, True) is triton_streams
     fused = stream_difference_op(q, k, v, lam, True, False)
