@@ -20,6 +20,10 @@ import triton
 import triton.language as tl
 
 BLOCK_ROWS = 64  # Stage II query rows per program
+# ... and per step of its backward, which keeps the 2n keys' and n values' gradients resident
+# beside five row-block temporaries: flash attention 2's key-stationary backward, whose Triton
+# version steps 32 query rows past 128 keys. Both are first guesses until a GPU times them.
+BLOCK_ROWS_BACKWARD = 32
 BLOCK_KEYS = 64  # Stage I keys per step of the online softmax
 PROGRAMS = 256  # Stage II's backward splits its rows until about this many programs run
 
@@ -315,7 +319,7 @@ def backward(grad, query, key, value, lam, in_keys: bool, joint: bool):
     if in_keys:
         n = key.shape[-2] // 2
         block_n = _block(n)
-        row_blocks = triton.cdiv(rows, BLOCK_ROWS)
+        row_blocks = triton.cdiv(rows, BLOCK_ROWS_BACKWARD)
         split = max(1, min(row_blocks, PROGRAMS // (batch * heads)))
         grad_key = key.new_empty(split, batch, heads, 2, block_n, block_d, dtype=acc_dtype)
         grad_value = key.new_empty(split, batch, heads, block_n, block_d, dtype=acc_dtype)
@@ -323,10 +327,11 @@ def backward(grad, query, key, value, lam, in_keys: bool, joint: bool):
         _stage2_backward[(split, batch * heads)](
             query, key, value, lam, grad, grad_query, grad_key, grad_value, grad_lam,
             *_strides(query, key, value, grad, grad_query),
-            heads, rows, n, d, joint, acc, BLOCK_ROWS, block_n, block_d,
+            heads, rows, n, d, joint, acc, BLOCK_ROWS_BACKWARD, block_n, block_d,
         )  # fmt: skip
-        grad_key = grad_key.sum(0)[..., :n, :d].flatten(2, 3).to(key.dtype)
-        grad_value = grad_value.sum(0)[..., :n, :d].to(value.dtype)
+        # contiguous, as the op's fake kernel says: the padded tiles leave strided views
+        grad_key = grad_key.sum(0)[..., :n, :d].flatten(2, 3).to(key.dtype).contiguous()
+        grad_value = grad_value.sum(0)[..., :n, :d].to(value.dtype).contiguous()
     else:
         n = rows // 2
         block_n = _block(n)

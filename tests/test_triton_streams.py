@@ -72,6 +72,22 @@ def test_triton_kernels_equal_the_aten_kernels(
         torch.testing.assert_close(g.to(wide), w, rtol=0, atol=tol, msg=name)
 
 
+@pytest.mark.parametrize("in_keys, joint", STAGES, ids=STAGE_IDS)
+@pytest.mark.parametrize("shape", [(2, 3, 20, 16, 12), (1, 2, 9, 5, 16)], ids=["d12", "n5"])
+def test_triton_kernels_pass_torch_library_opcheck(triton_stream_kernels, shape, in_keys, joint):
+    """The op's and its backward op's outputs keep the shapes and strides their fake kernels
+    give (torch.compile relies on them) with the Triton kernels too, at head widths and stream
+    counts below the tiles' and equal to them."""
+    device = "cpu" if INTERPRETED else "cuda"
+    inputs = operands(in_keys, shape, torch.float32, device, torch.Generator().manual_seed(2))
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    assert attention._fused_kernels(*inputs[:3], in_keys) is triton_streams
+    torch.library.opcheck(stream_difference_op, (*inputs, in_keys, joint))
+    grad = torch.randn_like(stream_difference_op(*inputs, in_keys, joint))
+    backward_args = (grad, *(t.detach() for t in inputs), in_keys, joint)
+    torch.library.opcheck(attention.stream_difference_backward, backward_args)
+
+
 def test_operands_the_kernels_do_not_take_keep_the_aten_kernels(triton_stream_kernels):
     """More than 128 tokens per stream, no head axis, or no rows: the aten kernels run, and the
     op's result is theirs."""
