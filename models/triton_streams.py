@@ -97,8 +97,9 @@ def _stage2_forward(
     JOINT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(1) // heads
-    h = tl.program_id(1) % heads
+    bh = tl.program_id(1).to(tl.int64)  # 64-bit offsets: a batch can pass 2^31 elements
+    b = bh // heads
+    h = bh % heads
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, BLOCK_N)
     c = tl.arange(0, BLOCK_D)
@@ -124,7 +125,7 @@ def _stage2_backward(
     gradients to its own slot of gk/gv/glam (split, batch * heads, ...), summed afterwards in a
     fixed order: deterministic, no atomics."""
     split = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
@@ -185,7 +186,7 @@ def _stage1_forward(
 ):  # fmt: skip
     """(O+ - lam O-) of one head; with STATS, also each stream's log-normaliser and output into
     stats (batch * heads, 2, BLOCK_N, 1 + BLOCK_D), for the backward."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // heads
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
@@ -231,7 +232,7 @@ def _stage1_backward(
 ):  # fmt: skip
     """One head: the key and value gradients block by block, the stream queries' gradient summed
     over the blocks, lambda's from the forward's stream outputs. gq, gk and gv are contiguous."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // heads
     h = bh % heads
     j = tl.arange(0, BLOCK_N)
