@@ -19,13 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 64  # Stage II query rows per program
-# ... and per step of its backward, which keeps the 2n keys' and n values' gradients resident
-# beside five row-block temporaries: flash attention 2's key-stationary backward, whose Triton
-# version steps 32 query rows past 128 keys. Both are first guesses until a GPU times them.
+BLOCK_ROWS = 64  # Stage II query rows per program of the forward
+# Stage II query rows per step of the backward, which keeps the gradients of the 2n keys and the
+# n values resident beside five row-block temporaries, as the Triton version of flash attention
+# 2's key-stationary backward does (32 query rows past 128 keys).
 BLOCK_ROWS_BACKWARD = 32
 BLOCK_KEYS = 64  # Stage I keys per step of the online softmax
 PROGRAMS = 256  # Stage II's backward splits its rows until about this many programs run
+# (All four are first guesses, to be settled when a GPU times them.)
 
 
 def runs_on(tensor: torch.Tensor) -> bool:
