@@ -13,6 +13,7 @@ Per (batch, head), with the stream tokens already scaled by the softmax scale:
   of never holding a row's whole map).
 """
 
+import contextlib
 import os
 
 import torch
@@ -287,8 +288,25 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
+def _launching_on(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the operands' one (under torchrun it
+    is already; elsewhere a model may sit on another GPU than the current)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def forward(query, key, value, lam, in_keys: bool, joint: bool, out: torch.Tensor) -> None:
     """stream_difference_op's forward into `out` (see models.attention)."""
+    with _launching_on(query):
+        _forward(query, key, value, lam, in_keys, joint, out)
+
+
+def backward(grad, query, key, value, lam, in_keys: bool, joint: bool):
+    """Gradients of stream_difference_op for query, key, value and lam."""
+    with _launching_on(query):
+        return _backward(grad, query, key, value, lam, in_keys, joint)
+
+
+def _forward(query, key, value, lam, in_keys, joint, out):
     batch, heads, rows, d = query.shape
     acc = _accumulator(query.dtype)
     if in_keys:
@@ -311,8 +329,7 @@ def _stage1(query, key, value, lam, out, stats):
     )  # fmt: skip
 
 
-def backward(grad, query, key, value, lam, in_keys: bool, joint: bool):
-    """Gradients of stream_difference_op for query, key, value and lam."""
+def _backward(grad, query, key, value, lam, in_keys, joint):
     batch, heads, rows, d = query.shape
     acc = _accumulator(query.dtype)
     acc_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
