@@ -1,5 +1,6 @@
-"""Helpers shared by the training-step and sampling benchmarks: the VAE they run, fair timing of
-several configurations side by side, device facts, and the markdown/JSON output."""
+"""Helpers shared by the benchmarks: the VAE they run, the mixers they compare (and the stream
+kernel a "vca@triton" mixer runs under), fair timing of several configurations side by side,
+device facts, and the markdown/JSON output."""
 
 import contextlib
 import json
@@ -22,7 +23,8 @@ MIXERS = (*ATTENTIONS, *(f"{kind}@triton" for kind in VCA_FAMILY))
 
 
 def split_mixer(spec: str) -> tuple[str, str]:
-    """ "vca@triton" -> ("vca", "triton"); "vca" -> ("vca", "aten")."""
+    """(attention, stream kernel) of a mixer: ("vca", "triton") for vca@triton, ("vca", "aten")
+    for vca."""
     kind, _, kernel = spec.partition("@")
     return kind, kernel or "aten"
 
