@@ -64,7 +64,7 @@ def add_vae_args(parser) -> None:
     )
 
 
-def add_setup_args(parser, attention_help: str) -> None:
+def add_setup_args(parser, attention_help: str, mixers=ATTENTIONS) -> None:
     """--device, --model, --attention, --image-size and --batch of the model benchmarks."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
     parser.add_argument(
@@ -75,7 +75,7 @@ def add_setup_args(parser, attention_help: str) -> None:
         help="model, DiT-T/2 ... SiT-XL/8 (default DiT-S/2)",
     )
     parser.add_argument(
-        "--attention", nargs="+", default=["mhsa", "vca"], choices=MIXERS, help=attention_help
+        "--attention", nargs="+", default=["mhsa", "vca"], choices=mixers, help=attention_help
     )
     parser.add_argument(
         "--image-size", type=int, default=256, help="image side in pixels (default 256)"

@@ -38,6 +38,7 @@ from models import create_model, parse_model_name
 from models.attention import InlineCustomOps
 
 from .common import (
+    MIXERS,
     add_compile_args,
     add_setup_args,
     add_vae_args,
@@ -223,7 +224,12 @@ def build_parser() -> ArgumentParser:
         description="Images/s, peak memory and MFU of one training step: the original DiT "
         "recipe (reference) against ours (fast), side by side.",
     )
-    add_setup_args(parser, "token mixers to measure, each in both modes (default: mhsa vca)")
+    add_setup_args(
+        parser,
+        "token mixers to measure, each in both modes (default: mhsa vca); vca@triton (any VCA "
+        "variant@triton) runs VCA's stream products in the Triton kernels, on CUDA",
+        MIXERS,
+    )
     parser.add_argument(
         "--warmup",
         type=int,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -147,3 +149,17 @@ def test_compile_time_benchmark_compiles_each_attention_in_a_fresh_process(tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr[-2000:]
     assert "## Cold compile time" in (tmp_path / "README.md").read_text()
+
+
+def test_only_the_benchmarks_that_set_the_stream_kernel_take_a_triton_mixer(capsys):
+    """bench.attention and bench.train_step run vca@triton; bench.compile_time, whose compiled
+    graph is the same either way (the op is one node), refuses it with a usage error."""
+    import pytest
+
+    from bench import attention, compile_time, train_step
+
+    for parser in (attention.build_parser(), train_step.build_parser()):
+        assert parser.parse_args(["--attention", "mhsa", "vca@triton"]).attention[1] == "vca@triton"
+    with pytest.raises(SystemExit) as error:
+        compile_time.main(["--attention", "mhsa", "vca@triton"])
+    assert error.value.code == 2 and "vca@triton" in capsys.readouterr().err
