@@ -154,8 +154,6 @@ def test_compile_time_benchmark_compiles_each_attention_in_a_fresh_process(tmp_p
 def test_only_the_benchmarks_that_set_the_stream_kernel_take_a_triton_mixer(capsys):
     """bench.attention and bench.train_step run vca@triton; bench.compile_time, whose compiled
     graph is the same either way (the op is one node), refuses it with a usage error."""
-    import pytest
-
     from bench import attention, compile_time, train_step
 
     for parser in (attention.build_parser(), train_step.build_parser()):
