@@ -277,8 +277,12 @@ def set_stream_kernel(name: str) -> None:
     if name not in STREAM_KERNELS:
         choices = ", ".join(STREAM_KERNELS)
         raise ValueError(f"unknown stream kernel {name!r}; choose one of {choices}")
-    if name == "triton":
-        import models.triton_streams  # noqa: F401  fails here, not mid-step, without Triton
+    if name == "triton":  # fail here, not mid-step, without Triton
+        try:
+            import models.triton_streams  # noqa: F401
+        except ImportError as error:
+            message = "the triton stream kernel needs Triton (torch's Linux wheels bundle it)"
+            raise ImportError(message) from error
     stream_kernel = name
 
 

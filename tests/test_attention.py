@@ -10,7 +10,7 @@ from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import attention, triton_streams
+from models import attention
 from models.attention import (
     ATTENTIONS,
     DifferentialAttention,
@@ -163,6 +163,8 @@ def test_vca_matches_reference(request, monkeypatch, variant, softmax_mode, dwc,
     device = "cpu"
     if products == "triton":
         request.getfixturevalue("triton_stream_kernels")
+        from models import triton_streams
+
         device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
         launches = []
         forward = triton_streams.forward

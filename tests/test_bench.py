@@ -43,6 +43,7 @@ def test_attention_benchmark_times_the_mixing_alone(tmp_path):
 
 def test_a_vca_at_triton_mixer_runs_forward_and_backward_in_the_triton_kernels(monkeypatch):
     """The kernel is set around the backward too, and restored after (interpreted on the CPU)."""
+    pytest.importorskip("triton")
     import torch
 
     from bench.attention import make_layer, run_once
