@@ -24,13 +24,12 @@ from bench.common import (
     device_name,
     requested_device,
     split_mixer,
-    stream_kernel,
     time_side_by_side,
     write_json,
 )
 from common.cli import ArgumentParser
 from models import WIDTHS
-from models.attention import InlineCustomOps, build_attention
+from models.attention import InlineCustomOps, build_attention, using_stream_kernel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,8 +63,8 @@ def make_layer(spec, width, tokens, device, dtype, part="layer"):
     return layer, hidden
 
 
-def run_once(layer, x, backward, spec="mhsa"):
-    with stream_kernel(split_mixer(spec)[1]):
+def run_once(layer, x, backward, spec):
+    with using_stream_kernel(split_mixer(spec)[1]):
         if backward:
             x.grad = None
             layer.zero_grad(set_to_none=True)

@@ -2,7 +2,6 @@
 kernel a "vca@triton" mixer runs under), fair timing of several configurations side by side,
 device facts, and the markdown/JSON output."""
 
-import contextlib
 import json
 import os
 import platform
@@ -13,11 +12,11 @@ import torch
 
 from engine.dist import resolve_device
 from engine.errors import UsageError
-from models import ATTENTIONS, MODEL_NAMES, attention
+from models import ATTENTIONS, MODEL_NAMES
 from models.codec import VAECodec, load_codec
 from models.config import VCA_FAMILY
 
-# "vca@triton": VCA whose stream products run in the Triton kernels (set_stream_kernel), to
+# "vca@triton": VCA whose stream products run in the Triton kernels (using_stream_kernel), to
 # time them side by side with the aten kernels and with MHSA.
 MIXERS = (*ATTENTIONS, *(f"{kind}@triton" for kind in VCA_FAMILY))
 
@@ -27,17 +26,6 @@ def split_mixer(spec: str) -> tuple[str, str]:
     for vca."""
     kind, _, kernel = spec.partition("@")
     return kind, kernel or "aten"
-
-
-@contextlib.contextmanager
-def stream_kernel(kernel: str):
-    """The stream kernel `kernel` for the calls (and backwards) inside, the one before after."""
-    previous = attention.stream_kernel
-    attention.set_stream_kernel(kernel)
-    try:
-        yield
-    finally:
-        attention.set_stream_kernel(previous)
 
 
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json): random weights cost exactly what

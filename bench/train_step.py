@@ -35,7 +35,7 @@ from engine.objective import ObjectiveConfig, create_objective
 from engine.precision import compile_blocks
 from engine.step import TrainStep, batch_latents, create_optimizer
 from models import create_model, parse_model_name
-from models.attention import InlineCustomOps
+from models.attention import InlineCustomOps, using_stream_kernel
 
 from .common import (
     MIXERS,
@@ -49,7 +49,6 @@ from .common import (
     print_table,
     requested_device,
     split_mixer,
-    stream_kernel,
     synchronize,
     time_side_by_side,
     write_json,
@@ -113,7 +112,7 @@ class Setup:
             self.batch = (mean, std, labels)
 
     def step(self) -> None:
-        with stream_kernel(self.kernel):
+        with using_stream_kernel(self.kernel):
             self.train_step(*batch_latents(self.batch, self.codec, self.device))
 
     def resident_bytes(self) -> int:

@@ -8,6 +8,7 @@ stages is one product of the N tokens with 2n stacked contrast-stream tokens
 (`stream_difference_op`), O(N * n * d) per head, n being the number of contrast tokens.
 """
 
+import contextlib
 import math
 
 import torch
@@ -284,6 +285,18 @@ def set_stream_kernel(name: str) -> None:
             message = "the triton stream kernel needs Triton (torch's Linux wheels bundle it)"
             raise ImportError(message) from error
     stream_kernel = name
+
+
+@contextlib.contextmanager
+def using_stream_kernel(name: str):
+    """set_stream_kernel(name) for the calls inside, and their backwards if they run inside too;
+    the kernel before it again after."""
+    previous = stream_kernel
+    set_stream_kernel(name)
+    try:
+        yield
+    finally:
+        set_stream_kernel(previous)
 
 
 def _fused_kernels(query, key, value, in_keys):

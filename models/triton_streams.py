@@ -280,8 +280,10 @@ def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def _accumulator(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """The dtype sums and softmax statistics are kept in: fp32, or fp64 for fp64 operands."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return wide, tl.float64 if wide == torch.float64 else tl.float32
 
 
 def _strides(*tensors):
@@ -308,7 +310,7 @@ def backward(grad, query, key, value, lam, in_keys: bool, joint: bool):
 
 def _forward(query, key, value, lam, in_keys, joint, out):
     batch, heads, rows, d = query.shape
-    acc = _accumulator(query.dtype)
+    _, acc = _accumulator(query.dtype)
     if in_keys:
         n = key.shape[-2] // 2
         grid = (triton.cdiv(rows, BLOCK_ROWS), batch * heads)
@@ -324,15 +326,14 @@ def _stage1(query, key, value, lam, out, stats):
     batch, heads, rows, d = query.shape
     _stage1_forward[(batch * heads,)](
         query, key, value, lam, out, stats, *_strides(query, key, value, out),
-        heads, rows // 2, key.shape[-2], d, stats is not None, _accumulator(query.dtype),
+        heads, rows // 2, key.shape[-2], d, stats is not None, _accumulator(query.dtype)[1],
         _block(rows // 2), BLOCK_KEYS, _block(d),
     )  # fmt: skip
 
 
 def _backward(grad, query, key, value, lam, in_keys, joint):
     batch, heads, rows, d = query.shape
-    acc = _accumulator(query.dtype)
-    acc_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc_dtype, acc = _accumulator(query.dtype)
     block_d = _block(d)
     grad_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if in_keys:

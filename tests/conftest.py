@@ -49,6 +49,5 @@ def triton_stream_kernels():
     pytest.importorskip("triton")
     from models import attention
 
-    attention.set_stream_kernel("triton")
-    yield
-    attention.set_stream_kernel("aten")
+    with attention.using_stream_kernel("triton"):
+        yield

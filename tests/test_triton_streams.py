@@ -112,12 +112,9 @@ def test_cpu_tensors_without_the_interpreter_keep_the_aten_kernels(monkeypatch):
     """runs_on reads the environment at each call; the kernels stay defined as they were."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, lam = operands(False, (1, 2, 16, 4, 8), torch.float32, "cpu", torch.Generator())
-    attention.set_stream_kernel("triton")
-    try:
+    with attention.using_stream_kernel("triton"):
         assert attention._fused_kernels(q, k, v, False) is None
         out = stream_difference_op(q, k, v, lam, False, False)
-    finally:
-        attention.set_stream_kernel("aten")
     torch.testing.assert_close(out, stream_difference_op(q, k, v, lam, False, False))
 
 
