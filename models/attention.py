@@ -217,8 +217,9 @@ def stream_maps(query, key, in_keys: bool, joint: bool) -> torch.Tensor:
 
 
 MAP_SHARE = 4  # a part's maps hold at most 1/MAP_SHARE of the entries of the N-token operand
-# ... unless that makes parts smaller than this, by device type: 2 MB of fp32 on CPUs; 32 MB
-# of bf16 elsewhere, where a launch costs more and memory less (not yet measured on a GPU).
+# ... unless that makes parts smaller than this, by device type: 2 MB of fp32 on CPUs (half of
+# it made batch-1 XL/256 and S/1024 2-5% slower: README, Speed); 32 MB of bf16 elsewhere, where
+# a launch costs more and memory less (not yet measured on a GPU).
 MIN_PART_ENTRIES = {"cpu": 1 << 19, "other": 1 << 24}
 
 
