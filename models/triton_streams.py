@@ -22,26 +22,50 @@ import triton.language as tl
 
 BLOCK_ROWS = 64  # Stage II query rows per program of the forward
 # Stage II query rows per step of the backward, which keeps the gradients of the 2n keys and the
-# n values resident beside five row-block temporaries, as the Triton version of flash attention
-# 2's key-stationary backward does (32 query rows past 128 keys).
-BLOCK_ROWS_BACKWARD = 32
-BLOCK_KEYS = 64  # Stage I keys per step of the online softmax
+# n values resident beside the row block's temporaries, as flash attention 2's key-stationary
+# backward does.
+BLOCK_ROWS_BACKWARD = 16
+BLOCK_KEYS = 32  # Stage I keys per step of the online softmax
 PROGRAMS = 256  # Stage II's backward splits its rows until about this many programs run
-# (All four are first guesses, to be settled when a GPU times them.)
+NUM_WARPS = 8
+# These tiles, at the largest stream count and head width below, keep every kernel's shared
+# memory within the per-block limit of each GPU that runs bf16 (99 KB on sm_86/89/120) with its
+# registers nearly free of spills: `python -m bench.triton_resources` compiles the kernels for
+# these GPUs without one and shows it (the first guesses, 32 rows, 64 keys and 4 warps, needed
+# 102-115 KB at XL's head width, and 188 KB with 128 stream tokens). Their speed is a guess until
+# a GPU times them.
+MAX_STREAM_TOKENS = 64
+MAX_HEAD_DIM = 128
+# Compiled, the kernels take 16-bit operands, as flash attention does. With fp32 or fp64 tiles
+# tl.dot runs on the FMA units, its operands take up to 4x the shared memory and its registers
+# spill (same tool, sm_90: fp32 Stage I backward 224 KB, over sm_80's and sm_89's limits, with
+# 12 KB of stack per thread; fp64 up to 448 KB, over every GPU's). Wider operands keep the aten
+# kernels (cuBLAS), except in the interpreter, where the tests check the kernels' arithmetic
+# in float64.
+COMPILED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read at each call)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def runs_on(tensor: torch.Tensor) -> bool:
     """Whether these kernels run on `tensor`'s device: CUDA, or any device under the interpreter."""
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return tensor.is_cuda or interpreted()
 
 
 def supports(query, key, value, in_keys: bool) -> bool:
-    """The shapes the kernels take: 4-D (batch, heads, rows, d) operands, none empty, and at
-    most 128 tokens per stream (the stream tokens of one head sit in one program's registers)."""
+    """The operands the kernels take: 4-D (batch, heads, rows, d), none empty, at most
+    MAX_STREAM_TOKENS tokens per stream (a head's stream tokens sit in one program's registers)
+    and MAX_HEAD_DIM channels per head; compiled, in a 16-bit dtype."""
     operands = (query, key, value)
     streams = key if in_keys else query
     four_d = all(t.dim() == 4 and t.numel() > 0 for t in operands)
-    return four_d and streams.shape[-2] // 2 <= 128
+    if not four_d or streams.shape[-2] // 2 > MAX_STREAM_TOKENS:
+        return False
+    narrow = max(query.shape[-1], value.shape[-1]) <= MAX_HEAD_DIM
+    return narrow and (interpreted() or query.dtype in COMPILED_DTYPES)
 
 
 @triton.jit
@@ -317,6 +341,7 @@ def _forward(query, key, value, lam, in_keys, joint, out):
         _stage2_forward[grid](
             query, key, value, lam, out, *_strides(query, key, value, out),
             heads, rows, n, d, joint, acc, BLOCK_ROWS, _block(n), _block(d),
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     else:
         _stage1(query, key, value, lam, out, None)
@@ -328,6 +353,7 @@ def _stage1(query, key, value, lam, out, stats):
         query, key, value, lam, out, stats, *_strides(query, key, value, out),
         heads, rows // 2, key.shape[-2], d, stats is not None, _accumulator(query.dtype)[1],
         _block(rows // 2), BLOCK_KEYS, _block(d),
+        num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
@@ -348,6 +374,7 @@ def _backward(grad, query, key, value, lam, in_keys, joint):
             query, key, value, lam, grad, grad_query, grad_key, grad_value, grad_lam,
             *_strides(query, key, value, grad, grad_query),
             heads, rows, n, d, joint, acc, BLOCK_ROWS_BACKWARD, block_n, block_d,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
         # contiguous, as the op's fake kernel says: the padded tiles leave strided views
         grad_key = grad_key.sum(0)[..., :n, :d].flatten(2, 3).to(key.dtype).contiguous()
@@ -364,5 +391,6 @@ def _backward(grad, query, key, value, lam, in_keys, joint):
             query, key, value, lam, grad, stats, grad_query, grad_key, grad_value, grad_lam,
             *_strides(query, key, value, grad),
             heads, n, key.shape[-2], d, acc, block_n, BLOCK_KEYS, block_d,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
     return grad_query, grad_key, grad_value, grad_lam.sum().to(lam.dtype).reshape(lam.shape)
