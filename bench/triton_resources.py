@@ -2,8 +2,8 @@
 kernel compiled for a GPU architecture (Triton and its bundled ptxas need no device) with the
 tiles it launches with at the largest operands `supports` lets through (without the launch's
 divisibility hints), and its shared memory against that architecture's per-block limit: a
-kernel over it does not launch. Where the Triton
-wheel ships cuobjdump, also its registers per thread and stack frame (local memory: spills).
+kernel over it does not launch. Where the Triton wheel ships cuobjdump, also its registers per
+thread and stack frame (local memory: spills).
 
     python -m bench.triton_resources                        # bf16 on sm_80, 86, 89, 90, 120
     python -m bench.triton_resources --dtypes bf16 fp32 --archs 90 --out resources.json
@@ -128,9 +128,14 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Compile, not interpret: Triton reads this when the kernels are defined, on first import.
     os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except ImportError:
+        parser.error("needs Triton with its NVIDIA backend (torch's Linux wheels bundle it)")
     rows = [
         resources(kernel, dtype, arch)
         for dtype in args.dtypes

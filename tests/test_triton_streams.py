@@ -172,3 +172,12 @@ def test_kernels_fit_the_gpus_shared_memory(tmp_path):
         assert row["limit"] == {89: 99 << 10, 90: 227 << 10}[row["arch"]]
         assert 0 < row["shared"] <= row["limit"], row
         assert row["stack"] is None or row["stack"] <= 1024, row
+
+
+def test_triton_resources_rejects_an_architecture_it_has_no_limit_for(capsys):
+    from bench.triton_resources import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--archs", "75"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 75" in capsys.readouterr().err
