@@ -5,7 +5,7 @@ divisibility hints), and its shared memory against that architecture's per-block
 kernel over it does not launch. Where the Triton wheel ships cuobjdump, also its registers per
 thread and stack frame (local memory: spills).
 
-    python -m bench.triton_resources                        # bf16 on sm_80, 86, 89, 90, 120
+    python -m bench.triton_resources                        # bf16 on sm_80, 86, 89, 90, 100, 120
     python -m bench.triton_resources --dtypes bf16 fp32 --archs 90 --out resources.json
 """
 
@@ -21,7 +21,14 @@ from .common import print_table, write_json
 
 # The opt-in maximum of shared memory per thread block, by compute capability, in bytes (CUDA C++
 # Programming Guide, technical specifications per compute capability).
-SHARED_LIMIT = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10, 120: 99 << 10}
+SHARED_LIMIT = {
+    80: 163 << 10,
+    86: 99 << 10,
+    89: 99 << 10,
+    90: 227 << 10,
+    100: 227 << 10,
+    120: 99 << 10,
+}
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 KERNELS = ("stage2_forward", "stage2_backward", "stage1_forward", "stage1_backward")
 
