@@ -32,7 +32,7 @@ NUM_WARPS = 8
 # memory within the per-block limit of each GPU that runs bf16 (99 KB on sm_86/89/120) with its
 # registers nearly free of spills: `python -m bench.triton_resources` compiles the kernels for
 # these GPUs without one and shows it (the first guesses, 32 rows, 64 keys and 4 warps, needed
-# 102-115 KB at XL's head width, and 188 KB with 128 stream tokens). Their speed is a guess until
+# 100-112 KB at XL's head width, and 184 KB with 128 stream tokens). Their speed is a guess until
 # a GPU times them.
 MAX_STREAM_TOKENS = 64
 MAX_HEAD_DIM = 128
