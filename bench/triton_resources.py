@@ -35,7 +35,7 @@ KERNELS = ("stage2_forward", "stage2_backward", "stage1_forward", "stage1_backwa
 
 def launch(kernel: str, dtype: str):
     """The kernel function, the element type of each pointer argument and the constexprs it is
-    launched with by models.triton_streams, at MAX_STREAM_TOKENS and MAX_HEAD_DIM."""
+    launched with (models.triton_streams.launch_tiles), at MAX_STREAM_TOKENS and MAX_HEAD_DIM."""
     import triton.language as tl
 
     from models import triton_streams as ts
@@ -45,19 +45,12 @@ def launch(kernel: str, dtype: str):
     pointers = {"lam_ptr": "*fp32", "stats_ptr": acc_pointer, "glam_ptr": acc_pointer}
     if kernel == "stage2_backward":  # per-program partial sums of the key and value gradients
         pointers.update(gk_ptr=acc_pointer, gv_ptr=acc_pointer)
-    tiles = {
-        "ACC": acc,
-        "BLOCK_N": ts._block(ts.MAX_STREAM_TOKENS),
-        "BLOCK_D": ts._block(ts.MAX_HEAD_DIM),
-    }
     function = getattr(ts, f"_{kernel}")
+    tiles = {"ACC": acc, **ts.launch_tiles(function, ts.MAX_STREAM_TOKENS, ts.MAX_HEAD_DIM)}
     if kernel.startswith("stage2"):
-        rows = ts.BLOCK_ROWS if kernel == "stage2_forward" else ts.BLOCK_ROWS_BACKWARD
-        tiles.update(JOINT=False, BLOCK_R=rows)
-    else:
-        tiles["BLOCK_S"] = ts.BLOCK_KEYS
-        if kernel == "stage1_forward":
-            tiles["STATS"] = True  # the backward's rerun, which also writes the statistics
+        tiles["JOINT"] = False
+    elif kernel == "stage1_forward":
+        tiles["STATS"] = True  # the backward's rerun, which also writes the statistics
     signature = {}
     for name in function.arg_names:  # operand pointers in the operands' dtype; ints: sizes, strides
         if name in tiles:

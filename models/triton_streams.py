@@ -304,6 +304,19 @@ def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
+def launch_tiles(kernel, n: int, d: int) -> dict:
+    """The tile constexprs `kernel` launches with for n tokens per stream and d channels per
+    head: the one place that says them, for the launches and for bench.triton_resources."""
+    tiles = {"BLOCK_N": _block(n), "BLOCK_D": _block(d)}
+    if kernel is _stage2_forward:
+        tiles["BLOCK_R"] = BLOCK_ROWS
+    elif kernel is _stage2_backward:
+        tiles["BLOCK_R"] = BLOCK_ROWS_BACKWARD
+    else:
+        tiles["BLOCK_S"] = BLOCK_KEYS
+    return tiles
+
+
 def _accumulator(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     """The dtype sums and softmax statistics are kept in: fp32, or fp64 for fp64 operands."""
     wide = torch.promote_types(dtype, torch.float32)
@@ -337,10 +350,11 @@ def _forward(query, key, value, lam, in_keys, joint, out):
     _, acc = _accumulator(query.dtype)
     if in_keys:
         n = key.shape[-2] // 2
-        grid = (triton.cdiv(rows, BLOCK_ROWS), batch * heads)
+        tiles = launch_tiles(_stage2_forward, n, d)
+        grid = (triton.cdiv(rows, tiles["BLOCK_R"]), batch * heads)
         _stage2_forward[grid](
             query, key, value, lam, out, *_strides(query, key, value, out),
-            heads, rows, n, d, joint, acc, BLOCK_ROWS, _block(n), _block(d),
+            heads, rows, n, d, JOINT=joint, ACC=acc, **tiles,
             num_warps=NUM_WARPS,
         )  # fmt: skip
     else:
@@ -351,8 +365,8 @@ def _stage1(query, key, value, lam, out, stats):
     batch, heads, rows, d = query.shape
     _stage1_forward[(batch * heads,)](
         query, key, value, lam, out, stats, *_strides(query, key, value, out),
-        heads, rows // 2, key.shape[-2], d, stats is not None, _accumulator(query.dtype)[1],
-        _block(rows // 2), BLOCK_KEYS, _block(d),
+        heads, rows // 2, key.shape[-2], d, STATS=stats is not None,
+        ACC=_accumulator(query.dtype)[1], **launch_tiles(_stage1_forward, rows // 2, d),
         num_warps=NUM_WARPS,
     )  # fmt: skip
 
@@ -360,12 +374,12 @@ def _stage1(query, key, value, lam, out, stats):
 def _backward(grad, query, key, value, lam, in_keys, joint):
     batch, heads, rows, d = query.shape
     acc_dtype, acc = _accumulator(query.dtype)
-    block_d = _block(d)
     grad_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if in_keys:
         n = key.shape[-2] // 2
-        block_n = _block(n)
-        row_blocks = triton.cdiv(rows, BLOCK_ROWS_BACKWARD)
+        tiles = launch_tiles(_stage2_backward, n, d)  # the slots hold whole tiles
+        block_n, block_d = tiles["BLOCK_N"], tiles["BLOCK_D"]
+        row_blocks = triton.cdiv(rows, tiles["BLOCK_R"])
         split = max(1, min(row_blocks, PROGRAMS // (batch * heads)))
         grad_key = key.new_empty(split, batch, heads, 2, block_n, block_d, dtype=acc_dtype)
         grad_value = key.new_empty(split, batch, heads, block_n, block_d, dtype=acc_dtype)
@@ -373,7 +387,7 @@ def _backward(grad, query, key, value, lam, in_keys, joint):
         _stage2_backward[(split, batch * heads)](
             query, key, value, lam, grad, grad_query, grad_key, grad_value, grad_lam,
             *_strides(query, key, value, grad, grad_query),
-            heads, rows, n, d, joint, acc, BLOCK_ROWS_BACKWARD, block_n, block_d,
+            heads, rows, n, d, JOINT=joint, ACC=acc, **tiles,
             num_warps=NUM_WARPS,
         )  # fmt: skip
         # contiguous, as the op's fake kernel says: the padded tiles leave strided views
@@ -381,8 +395,9 @@ def _backward(grad, query, key, value, lam, in_keys, joint):
         grad_value = grad_value.sum(0)[..., :n, :d].to(value.dtype).contiguous()
     else:
         n = rows // 2
-        block_n = _block(n)
-        stats = key.new_empty(batch * heads, 2, block_n, 1 + block_d, dtype=acc_dtype)
+        tiles = launch_tiles(_stage1_backward, n, d)  # the statistics are laid out by tile
+        stats_shape = (batch * heads, 2, tiles["BLOCK_N"], 1 + tiles["BLOCK_D"])
+        stats = key.new_empty(stats_shape, dtype=acc_dtype)
         _stage1(query, key, value, lam, torch.empty_like(grad), stats)
         grad_key = torch.empty(key.shape, dtype=key.dtype, device=key.device)
         grad_value = torch.empty(value.shape, dtype=value.dtype, device=value.device)
@@ -390,7 +405,7 @@ def _backward(grad, query, key, value, lam, in_keys, joint):
         _stage1_backward[(batch * heads,)](
             query, key, value, lam, grad, stats, grad_query, grad_key, grad_value, grad_lam,
             *_strides(query, key, value, grad),
-            heads, n, key.shape[-2], d, acc, block_n, BLOCK_KEYS, block_d,
+            heads, n, key.shape[-2], d, ACC=acc, **tiles,
             num_warps=NUM_WARPS,
         )  # fmt: skip
     return grad_query, grad_key, grad_value, grad_lam.sum().to(lam.dtype).reshape(lam.shape)
