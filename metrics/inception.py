@@ -34,9 +34,26 @@ def tf32_disabled():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
+def _downloaded_weights() -> Path:
+    """torch-fidelity's own copy of the weights, in torch.hub's checkpoint folder (where its
+    download keeps it), downloaded there first if missing: so that, like a user's file, it is
+    checked before torch-fidelity loads it."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(path))  # via a temporary file
+        except OSError as error:  # urllib's URLError included
+            raise MetricsError(
+                f"could not download the Inception weights ({one_line(error)}): on an offline "
+                f"machine pass --inception-weights PATH to a copy of {WEIGHTS_FILE} ({WEIGHTS_URL})"
+            ) from None
+    return path
+
+
 def _check_weights_file(path):
     """Refuse a missing file, or one that is not a plain tensor state dict, before torch-fidelity's
-    own `torch.load(weights_only=False)` could unpickle arbitrary code from it."""
+    `torch.load(weights_only=False)` could unpickle arbitrary code from it."""
     path = Path(path)
     fix = f"pass --inception-weights PATH to a copy of {WEIGHTS_FILE} ({WEIGHTS_URL})"
     if not path.is_file():
@@ -56,17 +73,11 @@ def _build_model(weights_path):
         return tfi.FeatureExtractorInceptionV3(
             "inception-v3-compat",
             ["2048", "logits_unbiased"],
-            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+            feature_extractor_weights_path=str(weights_path),
         )
-    except OSError as error:  # urllib's URLError included
-        raise MetricsError(
-            f"could not download the Inception weights ({one_line(error)}): on an offline "
-            f"machine pass --inception-weights PATH to a copy of {WEIGHTS_FILE} ({WEIGHTS_URL})"
-        ) from None
     except RuntimeError as error:  # load_state_dict: keys or shapes do not match
-        source = weights_path or "the downloaded file"
         raise MetricsError(
-            f"{source} is not the torch-fidelity Inception state dict "
+            f"{weights_path} is not the torch-fidelity Inception state dict "
             f"({one_line(error)[:200]}): pass --inception-weights PATH to {WEIGHTS_FILE}"
         ) from None
 
@@ -100,8 +111,8 @@ class InceptionFeatures:
     """
 
     def __init__(self, weights_path=None, device="cpu"):
-        if weights_path is not None:
-            _check_weights_file(weights_path)
+        weights_path = _downloaded_weights() if weights_path is None else weights_path
+        _check_weights_file(weights_path)
         self.device = torch.device(device)
         self.model = _build_model(weights_path).to(self.device)
         self._spatial = None

@@ -5,6 +5,7 @@ Inception is saved to a file and loaded through the same `weights_path` route re
 Every number is checked against an independent numpy/scipy computation on the same features.
 """
 
+import shutil
 from urllib.error import URLError
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch_fidelity import feature_extractor_inceptionv3 as tfi
 from common import iter_npz_array
 from metrics import (
     WEIGHTS_FILE,
+    WEIGHTS_URL,
     FeatureAccumulator,
     InceptionFeatures,
     MetricsError,
@@ -509,11 +511,40 @@ def test_missing_or_invalid_weights(tmp_path):
     assert_one_line_error(excinfo, "not the torch-fidelity Inception", WEIGHTS_FILE)
 
 
-def test_offline_download_failure_names_the_flag(monkeypatch):
+def test_offline_download_failure_names_the_flag(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(tfi, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached copy
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(MetricsError) as excinfo:
         InceptionFeatures()
     assert_one_line_error(excinfo, "could not download", "--inception-weights PATH", WEIGHTS_FILE)
+
+
+def test_downloaded_weights_are_checked_before_torch_fidelity_loads_them(
+    monkeypatch, tmp_path, weights_file
+):
+    """Without --inception-weights the weights are torch.hub's cached copy, downloaded there
+    first if missing, and checked as a user's file is: a pickle payload in the download never
+    runs (torch-fidelity itself would load it with weights_only=False); a good cached copy is
+    used without downloading again."""
+    from test_crash import Payload
+
+    marker = tmp_path / "payload-ran"
+    downloads = []
+
+    def download(url, destination, *args, **kwargs):
+        downloads.append(url)
+        torch.save({"fc.weight": Payload(marker)}, destination)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    with pytest.raises(MetricsError) as excinfo:
+        InceptionFeatures()
+    assert_one_line_error(excinfo, "not a PyTorch state dict", "--inception-weights PATH")
+    assert downloads == [WEIGHTS_URL] and not marker.exists()
+    cached = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
+    shutil.copyfile(weights_file, cached)
+    assert isinstance(InceptionFeatures(), InceptionFeatures)
+    assert downloads == [WEIGHTS_URL]
