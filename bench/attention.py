@@ -5,9 +5,14 @@
     python -m bench.attention --device cuda        # GPU rows, bf16
     python -m bench.attention --no-timing --batch 16   # peak memory alone, at a larger batch
 
+    python -m bench.attention --compile --dtype bf16 --batch 4   # compiled, as train.py runs it
+
 Timings alternate between the attentions inside one run, so the ratios are side by side.
 Peak memory is what one call adds: torch's allocator peak on CUDA, the peak of the bytes held
-by live tensors on CPU (counted op by op: deterministic, and blind to library workspaces).
+by live tensors on CPU (counted op by op: deterministic, and blind to library workspaces; it
+cannot see inside inductor's kernels, so compiled CPU rows have none). Saved memory is what
+the forward keeps for the backward beyond its input and weights: what each layer adds to a
+training step's activations, compiled or not.
 """
 
 import functools
@@ -48,9 +53,10 @@ class MixingOnly(torch.nn.Module):
         return self.layer.mix(*heads)
 
 
-def make_layer(spec, width, tokens, device, dtype, part="layer"):
+def make_layer(spec, width, tokens, device, dtype, part="layer", compiled=False):
     """The module to time and the width of its input (C for a layer, 3C for the mixing); `spec`
-    is a mixer, or a VCA mixer with its stream kernel ("vca@triton")."""
+    is a mixer, or a VCA mixer with its stream kernel ("vca@triton"). `compiled`: compiled in
+    place by inductor, as train.py compiles its blocks."""
     kind = split_mixer(spec)[0]
     _, hidden, heads = WIDTHS[width]
     side = int(round(tokens**0.5))
@@ -59,7 +65,9 @@ def make_layer(spec, width, tokens, device, dtype, part="layer"):
     layer = build_attention(kind, hidden, heads, (side, side), layer_index=0)
     layer = layer.to(device=device, dtype=dtype)
     if part == "mixing":
-        return MixingOnly(layer), 3 * hidden
+        layer, hidden = MixingOnly(layer), 3 * hidden
+    if compiled:
+        layer.compile()
     return layer, hidden
 
 
@@ -96,15 +104,37 @@ def operator_table(kind, args, device, dtype, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
-def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part):
+def saved_memory_mb(layer, x, spec) -> float:
+    """MB of the tensors the forward saves for the backward, other than the input and the
+    weights (each storage counted once)."""
+    known = {t.untyped_storage().data_ptr() for t in (x, *layer.parameters())}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in known:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with (
+        using_stream_kernel(split_mixer(spec)[1]),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        layer(x)
+    return sum(saved.values()) / 2**20
+
+
+def peak_memory_mb(kind, width, tokens, batch, device, dtype_name, backward, part, compiled=False):
     """Peak memory (MB) that one call adds on top of the layer and its input: the allocator's
     peak on CUDA; on CPU, which keeps no allocator statistics, the peak of the bytes held by
     live tensors, counted op by op (the same quantity, free of library workspaces and of
-    what glibc keeps)."""
-    layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name], part)
+    what glibc keeps). Compiled layers are measured on CUDA only, after a compiling call."""
+    layer, hidden = make_layer(kind, width, tokens, device, DTYPES[dtype_name], part, compiled)
     x = torch.randn(batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
     x.requires_grad_(backward)
     if device.type == "cuda":
+        if compiled:
+            run_once(layer, x, backward, kind)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -196,6 +226,12 @@ def build_parser() -> ArgumentParser:
         help="skip the timings: peak memory only (quick at large batches)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile each layer with inductor, as train.py's --compile compiles its blocks "
+        "(default: eager)",
+    )
+    parser.add_argument(
         "--part",
         choices=["layer", "mixing"],
         default="layer",
@@ -223,6 +259,7 @@ def main(argv=None):
     base = args.attention[0]
     if args.no_memory and args.no_timing:
         parser.error("--no-memory and --no-timing leave nothing to measure")
+    peaks = not args.no_memory and not (args.compile and device.type == "cpu")
     if args.profile:
         for kind in args.attention:
             print(f"{kind}, {args.part}, {args.widths[0]} width, {args.tokens[0]} tokens, fwd+bwd:")
@@ -234,10 +271,14 @@ def main(argv=None):
     if not args.no_timing:
         header += [f"{k} ms" for k in args.attention]
         header += [f"{k}/{base}" for k in args.attention[1:]]
-    if not args.no_memory:
+    if peaks:
         header += [f"{k} MB" for k in args.attention]
         header += [f"{k}/{base} MB" for k in args.attention[1:]]
-    setting = f"{args.part}, {dtype_name}, batch {args.batch}, torch {torch.__version__}"
+    if not args.no_memory:
+        header += [f"{k} saved MB" for k in args.attention]
+        header += [f"{k}/{base} saved" for k in args.attention[1:]]
+    mode = "compiled" if args.compile else "eager"
+    setting = f"{args.part}, {mode}, {dtype_name}, batch {args.batch}, torch {torch.__version__}"
     print(f"device: {device_name(device)}, {setting}")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -246,7 +287,7 @@ def main(argv=None):
             layers = {}
             for kind in args.attention:
                 layers[kind], hidden = make_layer(
-                    kind, width, tokens, device, DTYPES[dtype_name], args.part
+                    kind, width, tokens, device, DTYPES[dtype_name], args.part, args.compile
                 )
             x = torch.randn(args.batch, tokens, hidden, device=device, dtype=DTYPES[dtype_name])
             for backward in (False, True):
@@ -258,6 +299,7 @@ def main(argv=None):
                     "part": args.part,
                     "batch": args.batch,
                     "dtype": dtype_name,
+                    "compiled": args.compile,
                     "device": device_name(device),
                 }
                 cells = [width, str(tokens), row["pass"]]
@@ -269,16 +311,31 @@ def main(argv=None):
                     }
                     cells += [f"{row['ms'][k]:.2f}" for k in args.attention]
                     cells += [f"{v:.2f}x faster" for v in row["speedup_vs_" + base].values()]
-                if not args.no_memory:
+                if peaks:
                     peak = {
                         k: peak_memory_mb(
-                            k, width, tokens, args.batch, device, dtype_name, backward, args.part
+                            k,
+                            width,
+                            tokens,
+                            args.batch,
+                            device,
+                            dtype_name,
+                            backward,
+                            args.part,
+                            args.compile,
                         )
                         for k in args.attention
                     }
                     row["peak_mb"] = peak
                     cells += [f"{peak[k]:.1f}" for k in args.attention]
                     cells += [f"{peak[k] / peak[base]:.2f}x" for k in args.attention[1:]]
+                if backward and not args.no_memory:
+                    saved = {k: saved_memory_mb(layers[k], x, k) for k in args.attention}
+                    row["saved_mb"] = saved
+                    cells += [f"{saved[k]:.1f}" for k in args.attention]
+                    cells += [f"{saved[k] / saved[base]:.2f}x" for k in args.attention[1:]]
+                elif not args.no_memory:
+                    cells += ["-"] * (2 * len(args.attention) - 1)
                 print("| " + " | ".join(cells) + " |", flush=True)
                 rows.append(row)
             del layers, x

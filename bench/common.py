@@ -13,19 +13,23 @@ import torch
 from engine.dist import resolve_device
 from engine.errors import UsageError
 from models import ATTENTIONS, MODEL_NAMES
+from models.attention import STREAM_KERNELS
 from models.codec import VAECodec, load_codec
 from models.config import VCA_FAMILY
 
-# "vca@triton": VCA whose stream products run in the Triton kernels (using_stream_kernel), to
-# time them side by side with the aten kernels and with MHSA.
-MIXERS = (*ATTENTIONS, *(f"{kind}@triton" for kind in VCA_FAMILY))
+# "vca@KERNEL": VCA whose stream products run in one stream kernel (using_stream_kernel), to
+# time the kernels side by side with each other and with MHSA; plain "vca" takes the default.
+MIXERS = (
+    *ATTENTIONS,
+    *(f"{kind}@{kernel}" for kind in VCA_FAMILY for kernel in STREAM_KERNELS if kernel != "auto"),
+)
 
 
 def split_mixer(spec: str) -> tuple[str, str]:
-    """(attention, stream kernel) of a mixer: ("vca", "triton") for vca@triton, ("vca", "aten")
+    """(attention, stream kernel) of a mixer: ("vca", "triton") for vca@triton, ("vca", "auto")
     for vca."""
     kind, _, kernel = spec.partition("@")
-    return kind, kernel or "aten"
+    return kind, kernel or "auto"
 
 
 # Stable Diffusion's VAE (stabilityai/sd-vae-ft-ema config.json): random weights cost exactly what

@@ -83,7 +83,7 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 class Setup:
     """One mode's model, EMA, optimizer and batch, and train.py's step that trains on them."""
 
-    def __init__(self, args, base_model, codec, settings, device, kernel="aten"):
+    def __init__(self, args, base_model, codec, settings, device, kernel="auto"):
         self.device, self.codec, self.kernel = device, codec, kernel
         self.model = copy.deepcopy(base_model).to(device).train()
         self.ema = create_ema(self.model)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 ATTENTIONS = ("mhsa", "vca", "stage1", "stage2", "emb", "diff", "diffattn")
 ATTENTION_HELP = {
@@ -266,15 +267,20 @@ def stream_difference_output(query, value, in_keys):
     return merged.transpose(-2, -3).reshape(*lead, rows, value.shape[-1])
 
 
-STREAM_KERNELS = ("aten", "triton")
-stream_kernel = "aten"  # set with set_stream_kernel
+STREAM_KERNELS = ("auto", "traced", "aten", "triton")
+stream_kernel = "auto"  # set with set_stream_kernel
 
 
 def set_stream_kernel(name: str) -> None:
-    """Which kernels run the stream-difference products: "aten" (the default: batched GEMMs and
-    softmaxes, every device) or "triton" (models.triton_streams: one fused kernel per stage and
-    pass, on CUDA tensors; other devices and shapes keep the aten kernels). Process-wide, and
-    outside torch.compile's graphs, which see the op as one node either way."""
+    """Which kernels run the stream-difference products, process-wide:
+    - "auto" (the default): "traced" under torch.compile, "aten" in eager mode;
+    - "traced": plain autograd ops (`traced_stream_difference`) that torch.compile sees and
+      fuses with the softmaxes, the map difference and the norms around them;
+    - "aten": the custom op `stream_difference_op`, batched GEMMs and softmaxes in
+      `product_parts`, its maps recomputed in its own backward; one opaque node when compiled;
+    - "triton": that op in models.triton_streams' fused kernels, on CUDA tensors (other devices
+      and shapes keep the aten kernels).
+    torch.compile reads the choice when it traces, and traces again when it changes."""
     global stream_kernel
     if name not in STREAM_KERNELS:
         choices = ", ".join(STREAM_KERNELS)
@@ -374,9 +380,9 @@ def stream_difference_backward(
     parts = list(product_parts(query, key, in_keys))
     if len(parts) == 1:
         return _stream_difference_grads(grad, query, key, value, lam, in_keys, joint)
+    # contiguous, as the fake kernel says: zeros_like would copy the strides of a head view
     grad_query = query.new_empty(query.shape)
-    grad_key, grad_value = (torch.zeros_like(t) for t in (key, value))
-    grad_lam = torch.zeros_like(lam)
+    grad_key, grad_value, grad_lam = (t.new_zeros(t.shape) for t in (key, value, lam))
     for part, shared in parts:
         grads = _stream_difference_grads(
             grad[part], query[part], key[shared], value[shared], lam, in_keys, joint
@@ -435,9 +441,39 @@ stream_difference_op.register_autograd(
 
 
 def stream_difference(query, key, value, lam, in_keys: bool, joint: bool = False):
-    """stream_difference_op with key and value in the query's dtype: the op takes one."""
+    """(A+ - lam A-) @ value (see stream_difference_op) by the chosen stream kernel, with key and
+    value in the query's dtype."""
     dtype = query.dtype
-    return stream_difference_op(query, key.to(dtype), value.to(dtype), lam, in_keys, joint)
+    key, value = key.to(dtype), value.to(dtype)
+    traced = stream_kernel == "traced" or (
+        stream_kernel == "auto" and torch.compiler.is_compiling()
+    )
+    if traced:
+        return traced_stream_difference(query, key, value, lam, in_keys, joint)
+    return stream_difference_op(query, key, value, lam, in_keys, joint)
+
+
+def traced_stream_difference(query, key, value, lam, in_keys: bool, joint: bool):
+    """stream_difference_op's result in plain autograd ops, for torch.compile to trace: inductor
+    fuses the softmaxes and the map difference with the products and the ops around them. The
+    activation checkpoint has the partitioner recompute the maps in the backward from query,
+    key and value, as the op's own backward does, instead of saving them."""
+    return checkpoint(
+        stream_difference_formula, query, key, value, lam, in_keys, joint, use_reentrant=False
+    )
+
+
+def stream_difference_formula(query, key, value, lam, in_keys: bool, joint: bool):
+    scores = query @ key.transpose(-1, -2)
+    if in_keys:  # Stage II: the streams are the two halves of the map's columns
+        if joint:
+            maps = scores.softmax(-1)
+        else:
+            maps = scores.unflatten(-1, (2, -1)).softmax(-1).flatten(-2)
+        pos, neg = maps.chunk(2, -1)
+    else:  # Stage I: of its rows
+        pos, neg = scores.softmax(-1).chunk(2, -2)
+    return (pos - lam * neg) @ value
 
 
 class VisualContrastAttention(Attention):

@@ -150,16 +150,19 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("products", ["whole", "parts", "triton"])
+@pytest.mark.parametrize("products", ["whole", "parts", "traced", "triton"])
 @pytest.mark.parametrize("variant,softmax_mode,dwc", VARIANTS)
 def test_vca_matches_reference(request, monkeypatch, variant, softmax_mode, dwc, products):
     """Output and every gradient (input and parameters, through the hand-written backward of
     the stacked-stream products and of the norms) equal autograd through the reference, in
     float64; so does the output without autograd (norms in place). `parts`: the products run
-    in as many parts as MAP_SHARE asks, as they do for large maps; `triton`: in the Triton
-    kernels (interpreted on the CPU), as set_stream_kernel("triton") runs them on GPUs."""
+    in as many parts as MAP_SHARE asks, as they do for large maps; `traced`: as plain autograd
+    ops, as torch.compile traces them; `triton`: in the Triton kernels (interpreted on the
+    CPU), as set_stream_kernel("triton") runs them on GPUs."""
     if products == "parts":
         monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
+    if products == "traced":
+        monkeypatch.setattr(attention, "stream_kernel", "traced")
     device = "cpu"
     if products == "triton":
         request.getfixturevalue("triton_stream_kernels")
@@ -337,12 +340,17 @@ def test_bad_options_raise():
         DifferentialAttention(C, 3)
 
 
-def test_compiled_vca_equals_eager_without_a_conv_or_a_map_in_the_graph():
-    """Under torch.compile (AOT autograd, as inductor uses it) VCA's output and every gradient
-    equal eager mode's on a non-square grid. The 3x3 depthwise conv is a custom op: the graph
-    holds no aten convolution, which would make inductor store every attention tensor
-    channels-last. The stream difference is one too: the graph forms no softmax map that the
-    partitioner could save for the backward instead of recomputing it."""
+@pytest.mark.parametrize("kernel", ["auto", "aten"])
+def test_compiled_vca_equals_eager_and_saves_no_map_for_the_backward(monkeypatch, kernel):
+    """Under torch.compile (AOT autograd with inductor's partitioner) VCA's output and every
+    gradient equal eager mode's on a non-square grid. The 3x3 depthwise conv is a custom op:
+    the graph holds no aten convolution, which would make inductor store every attention
+    tensor channels-last. By default (`auto`) the stream differences are traced, softmaxes
+    and all, and the forward saves no (N x 2n) map for the backward, which recomputes them;
+    with the `aten` kernel they are one opaque op each, which forms its maps inside."""
+    from functorch.compile import min_cut_rematerialization_partition
+
+    monkeypatch.setattr(attention, "stream_kernel", kernel)
     torch.manual_seed(0)
     layer = build_attention("vca", 32, 4, (6, 10), 2, contrast_grid=(3, 5)).double()
     randomise(layer, torch.Generator().manual_seed(0))
@@ -355,7 +363,9 @@ def test_compiled_vca_equals_eager_without_a_conv_or_a_map_in_the_graph():
         return make_boxed_func(gm.forward)
 
     torch._dynamo.reset()
-    backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+    backend = aot_autograd(
+        fw_compiler=record, bw_compiler=record, partition_fn=min_cut_rematerialization_partition
+    )
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     params = [x, *layer.parameters()]
     results = []
@@ -366,21 +376,107 @@ def test_compiled_vca_equals_eager_without_a_conv_or_a_map_in_the_graph():
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     ops = {str(node.target) for gm in graphs for node in gm.graph.nodes}
     assert len(graphs) == 2 and not any("aten.convolution" in op for op in ops), ops
-    assert not any("softmax" in op for op in ops), ops
     assert {
         "vca_dit.depthwise_conv3x3.default",
         "vca_dit.depthwise_conv3x3_backward.default",
-        "vca_dit.stream_difference.default",
-        "vca_dit.stream_difference_backward.default",
     } <= ops
+    stream_ops = {"vca_dit.stream_difference.default", "vca_dit.stream_difference_backward.default"}
+    if kernel == "aten":
+        assert stream_ops <= ops and not any("softmax" in op for op in ops), ops
+    else:
+        assert not stream_ops & ops and any("softmax" in op for op in ops), ops
+    saved = [node.meta["val"] for node in graphs[0].graph.find_nodes(op="output")[0].args[0]]
+    map_entries = 2 * 4 * 60 * 30  # batch x heads x N x 2n
+    assert max(t.numel() for t in saved if isinstance(t, torch.Tensor)) < map_entries
 
 
+COMPILED_CASES = [(*case, "auto") for case in VARIANTS if case[2]] + [
+    ("vca", "separate", True, "aten"),
+    ("vca", "joint", True, "aten"),
+    ("stage1", "separate", True, "aten"),
+    ("stage2", "separate", True, "aten"),
+    ("emb", "separate", True, "aten"),
+    ("diff", "separate", True, "aten"),
+]
+
+
+@pytest.mark.parametrize("variant,softmax_mode,dwc,kernel", COMPILED_CASES)
+def test_inductor_compiled_vca_equals_eager_in_one_two_and_four_parts(
+    monkeypatch, variant, softmax_mode, dwc, kernel
+):
+    """Each variant's layer compiled by inductor, forward and backward, equals eager mode
+    while the eager products run in 1, 2 and 4 parts (the part minimum lowered as larger
+    batches cross it). With the `aten` kernel the compiled layer runs the op in the same
+    parts, and its backward's outputs must keep the strides its fake kernel promises (a
+    gradient laid out as the strided head view it belongs to failed inductor's stride
+    assertions); by default (`auto`) the compiled layer traces the products, in one piece."""
+    generator = torch.Generator().manual_seed(0)
+    layer = build_attention(
+        variant, 32, 4, (4, 6), 3, contrast_grid=(2, 2), stage2_softmax=softmax_mode, dwc=dwc
+    ).double()
+    randomise(layer, generator)
+    x = torch.randn(3, 24, 32, generator=generator, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(3, 24, 32, generator=generator, dtype=torch.float64)
+    params = [x, *layer.parameters()]
+    counts = []
+    product_parts = attention.product_parts
+
+    def counted_parts(query, key, in_keys):
+        parts = list(product_parts(query, key, in_keys))
+        counts.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(attention, "product_parts", counted_parts)
+    monkeypatch.setattr(attention, "stream_kernel", kernel)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+    map_entries = 3 * 4 * 24 * 8  # batch x heads x N x 2n, in either stage
+    for minimum, parts in [(map_entries, 1), (map_entries // 2, 2), (1, 4)]:
+        monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", minimum)
+        results = []
+        for run in (layer, compiled):
+            counts.clear()
+            out = run(x)
+            results.append([out, *torch.autograd.grad((out * cotangent).sum(), params)])
+            ran = set(counts)
+            assert ran == {parts} if run is layer or kernel == "aten" else not ran, (minimum, ran)
+        names = ["out", "x", *(name for name, _ in layer.named_parameters())]
+        for name, got, expected in zip(names, results[1], results[0], strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=(parts, name))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "aten"])
+def test_inductor_compiled_vca_under_bf16_autocast_in_parts_stays_close_to_eager(
+    monkeypatch, kernel
+):
+    """train.py's compiled step in miniature: bf16 autocast, the maps in several parts."""
+    monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
+    monkeypatch.setattr(attention, "stream_kernel", kernel)
+    generator = torch.Generator().manual_seed(1)
+    layer = build_attention("vca", 48, 4, (8, 8), 1, contrast_grid=4)
+    x = torch.randn(4, 64, 48, generator=generator, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+    results = []
+    for run in (layer, compiled):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = run(x).float()
+        results.append([out, *torch.autograd.grad(out.square().mean(), [x, *layer.parameters()])])
+    for got, expected in zip(results[1], results[0], strict=True):
+        scale = expected.abs().max().clamp_min(1e-6)
+        assert (got - expected).abs().max() <= 0.03 * scale
+
+
+@pytest.mark.parametrize("parts", ["one", "several"])
 @pytest.mark.parametrize(
     "in_keys, joint", [(False, False), (True, False), (True, True)], ids=["I", "II", "II-joint"]
 )
-def test_stream_difference_op_passes_torch_library_opcheck(in_keys, joint):
-    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the custom op agree
-    with its eager behaviour, on strided head views like the ones the qkv projection gives."""
+def test_stream_difference_ops_pass_torch_library_opcheck(monkeypatch, in_keys, joint, parts):
+    """Schema, fake (meta) kernel, autograd registration and AOT dispatch of the custom op and
+    of its backward op agree with their eager behaviour, strides included, on strided head
+    views like the ones the qkv projection gives, in one part and in several."""
+    if parts == "several":
+        monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", 1)
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(2, 12, 3, 4, 8, generator=g).permute(2, 0, 3, 1, 4)  # (3, B, M, N, d)
     tokens = torch.randn(2, 4, 6, 8, generator=g)
@@ -389,7 +485,28 @@ def test_stream_difference_op_passes_torch_library_opcheck(in_keys, joint):
     else:
         args = (tokens, qkv[1], qkv[2])
     args = [t.requires_grad_() for t in (*args, torch.tensor(0.4))]
+    count = len(list(attention.product_parts(*args[:2], in_keys)))
+    assert count == 1 if parts == "one" else count > 1
     torch.library.opcheck(stream_difference_op, (*args, in_keys, joint))
+    grad = torch.randn(stream_difference_op(*args, in_keys, joint).shape, generator=g)
+    backward_args = (grad, *(t.detach() for t in args), in_keys, joint)
+    torch.library.opcheck(attention.stream_difference_backward, backward_args)
+
+
+@pytest.mark.parametrize("grid", [(2, 8, 3, 5), (1, 4, 1, 6), (3, 2, 4, 4)])
+def test_depthwise_conv_ops_pass_torch_library_opcheck(grid):
+    """The depthwise conv op and its backward op keep their fake kernels' shapes and strides,
+    on the strided grid view VCA passes them, with one-row grids among them."""
+    g = torch.Generator().manual_seed(0)
+    B_, C_, H_, W_ = grid
+    tokens = torch.randn(B_, H_ * W_, C_, generator=g)
+    view = tokens.transpose(1, 2).unflatten(-1, (H_, W_))  # (B, C, H, W), channels-last
+    weight, bias = torch.randn(C_, 1, 3, 3, generator=g), torch.randn(C_, generator=g)
+    args = [t.requires_grad_() for t in (view.detach(), weight, bias)]
+    torch.library.opcheck(attention.depthwise_conv3x3, args)
+    grad = torch.randn(B_, H_ * W_, C_, generator=g)
+    backward_args = (grad, view, weight.detach())
+    torch.library.opcheck(attention.depthwise_conv3x3_backward, backward_args)
 
 
 def test_inline_custom_ops_lets_a_dispatch_mode_see_inside_the_stream_difference():

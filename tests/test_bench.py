@@ -41,6 +41,37 @@ def test_attention_benchmark_times_the_mixing_alone(tmp_path):
     assert all(r["peak_mb"]["vca"] >= 0 and r["ms"]["vca@triton"] > 0 for r in rows)
 
 
+def test_attention_benchmark_compiles_the_layers_and_counts_what_they_save(tmp_path):
+    """--compile times inductor-compiled layers, each stream kernel its own mixer; on the CPU
+    the memory it reports is the bytes saved for the backward (no peak: the op-by-op count
+    cannot see inside inductor's kernels)."""
+    out = tmp_path / "compiled.json"
+    cmd = [sys.executable, "-m", "bench.attention", "--compile", "--widths", "T", "--tokens",
+           "64", "--attention", "mhsa", "vca@aten", "vca@traced", "--reps", "1",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] and all(r["compiled"] for r in rows)
+    assert "peak_mb" not in rows[1] and all(mb > 0 for mb in rows[1]["saved_mb"].values())
+    assert "| T | 64 | fwd+bwd |" in result.stdout
+
+
+def test_saved_memory_counts_what_the_backward_keeps_beyond_input_and_weights():
+    """A linear layer keeps only its input and weight: nothing counted; a GELU after it keeps
+    the linear layer's (B, N, C) output: B N C 4 bytes."""
+    import torch
+
+    from bench.attention import saved_memory_mb
+
+    x = torch.randn(2, 16, 8, requires_grad=True)
+    linear = torch.nn.Linear(8, 8)
+    assert saved_memory_mb(linear, x, "mhsa") == 0
+    assert saved_memory_mb(torch.nn.Sequential(linear, torch.nn.GELU()), x, "mhsa") == (
+        2 * 16 * 8 * 4 / 2**20
+    )
+
+
 def test_a_vca_at_triton_mixer_runs_forward_and_backward_in_the_triton_kernels(monkeypatch):
     """The kernel is set around the backward too, and restored after (interpreted on the CPU)."""
     pytest.importorskip("triton")
@@ -59,7 +90,7 @@ def test_a_vca_at_triton_mixer_runs_forward_and_backward_in_the_triton_kernels(m
     x = torch.randn(1, 64, width, device=device, requires_grad=True)
     run_once(layer, x, True, "vca@triton")
     assert calls == ["forward", "forward", "backward", "backward"]  # Stage I, II; II, I
-    assert attention.stream_kernel == "aten"
+    assert attention.stream_kernel == "auto"
     run_once(layer, x, True, "vca")
     assert len(calls) == 4
 
@@ -152,13 +183,15 @@ def test_compile_time_benchmark_compiles_each_attention_in_a_fresh_process(tmp_p
     assert "## Cold compile time" in (tmp_path / "README.md").read_text()
 
 
-def test_only_the_benchmarks_that_set_the_stream_kernel_take_a_triton_mixer(capsys):
-    """bench.attention and bench.train_step run vca@triton; bench.compile_time, whose compiled
-    graph is the same either way (the op is one node), refuses it with a usage error."""
+def test_the_benchmarks_take_a_stream_kernel_with_each_vca_mixer(capsys):
+    """bench.attention, bench.train_step and bench.compile_time take vca@aten, vca@traced and
+    vca@triton (compiled, the first is one opaque op and the second the ops inductor fuses);
+    an unknown kernel is a usage error."""
     from bench import attention, compile_time, train_step
 
     for parser in (attention.build_parser(), train_step.build_parser()):
-        assert parser.parse_args(["--attention", "mhsa", "vca@triton"]).attention[1] == "vca@triton"
+        mixers = ["mhsa", "vca@aten", "vca@traced", "vca@triton"]
+        assert parser.parse_args(["--attention", *mixers]).attention == mixers
     with pytest.raises(SystemExit) as error:
-        compile_time.main(["--attention", "mhsa", "vca@triton"])
-    assert error.value.code == 2 and "vca@triton" in capsys.readouterr().err
+        compile_time.main(["--attention", "mhsa", "vca@cuda"])
+    assert error.value.code == 2 and "vca@cuda" in capsys.readouterr().err

@@ -30,9 +30,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_sit():
+def tiny_sit(input_size=8):
     torch.manual_seed(0)
-    model = create_model("SiT-T/4", attention="vca", input_size=8, in_channels=4, num_classes=10)
+    model = create_model(
+        "SiT-T/4", attention="vca", input_size=input_size, in_channels=4, num_classes=10
+    )
     with torch.no_grad():  # no zero-initialised head: every parameter gets a gradient
         for p in model.parameters():
             if not p.any():
@@ -152,6 +154,41 @@ def test_precision_and_compile_defaults():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("kernel", ["auto", "aten"])
+def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(monkeypatch, kernel):
+    """Guided sampling doubles the batch the blocks see, and with it the number of parts the
+    stream products run in; inductor-compiled blocks (traced products by default, the opaque
+    op with `aten`) give eager mode's guided output in one part and in several."""
+    from models import attention
+
+    monkeypatch.setattr(attention, "stream_kernel", kernel)
+    model = tiny_sit(input_size=16).eval()  # 16 tokens, 2n = 32: maps worth splitting
+    x, t, y = torch.randn(4, 4, 16, 16), torch.rand(4), torch.tensor([1, 2, 10, 10])
+    counts = []
+    product_parts = attention.product_parts
+
+    def counted_parts(query, key, in_keys):
+        parts = list(product_parts(query, key, in_keys))
+        counts.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(attention, "product_parts", counted_parts)
+    expected = {}
+    with torch.no_grad():
+        for minimum in (1 << 30, 1):
+            monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", minimum)
+            counts.clear()
+            expected[minimum] = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
+            assert (max(counts) > 1) == (minimum == 1), counts
+        assert expected[1].abs().mean() > 0.01
+        torch._dynamo.reset()
+        compile_blocks(model)
+        for minimum, want in expected.items():
+            monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", minimum)
+            got = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_blocks_share_one_graph_and_serve_guided_sampling():

@@ -148,9 +148,9 @@ def test_cpu_tensors_without_the_interpreter_keep_the_aten_kernels(monkeypatch):
 
 
 def test_set_stream_kernel_rejects_an_unknown_name():
-    with pytest.raises(ValueError, match="choose one of aten, triton"):
+    with pytest.raises(ValueError, match="choose one of auto, traced, aten, triton"):
         attention.set_stream_kernel("cuda")
-    assert attention.stream_kernel == "aten"
+    assert attention.stream_kernel == "auto"
 
 
 def test_kernels_fit_the_gpus_shared_memory(tmp_path):
