@@ -50,15 +50,21 @@ bench: $(STAMP)
 	    --out bench/results/attention-mixing.json
 	$(PY) -m bench.attention --no-timing --batch 16 --widths S XL --tokens 256 1024 4096 \
 	    --out bench/results/attention-memory-b16.json
-	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 3
-	$(PY) -m bench.compile_time --model DiT-S/2 --image-size 256 --batch 4
+	$(PY) -m bench.attention --compile --dtype bf16 --batch 4 --attention mhsa vca@aten vca@traced \
+	    --widths S XL --tokens 256 1024 4096 --out bench/results/attention-compiled.json
+	$(PY) -m bench.recompute --widths S XL --tokens 256 --batch 4
+	$(PY) -m bench.train_step --model DiT-S/2 --image-size 256 --batch 4 --steps 7 \
+	    --attention mhsa vca@aten vca@traced
+	$(PY) -m bench.compile_time --model DiT-S/2 --image-size 256 --batch 4 \
+	    --attention mhsa vca@aten vca@traced
 	$(PY) -m bench.sampling --batch 1 --steps 25
 	$(PY) -m bench.report
 
 # The GPU rows, most wanted first (each run writes its JSON, so a cut-short session keeps what
-# ran): the Triton kernels' tests; attention layer and mixing in bf16; the training step of
-# DiT-S/2, B/2 and XL/2 at 256 and 512 px (256 and 1024 tokens), VCA (aten and Triton stream
-# kernels) against MHSA; XL compile time; XL sampling. Offline, with the packages already
+# ran): the Triton kernels' tests; attention layer and mixing in bf16, eager and compiled; the
+# training step of DiT-S/2, B/2 and XL/2 at 256 and 512 px (256 and 1024 tokens), VCA's stream
+# products traced by inductor, as the opaque op with the aten kernels and with the Triton
+# kernels, against MHSA; XL compile time; XL sampling. Offline, with the packages already
 # installed: `make bench-gpu PY=python3 STAMP=` (no venv, no pip).
 GPU_TRAIN_RUNS ?= S:256:128 S:512:32 B:256:128 B:512:32 XL:256:64 XL:512:16
 
@@ -69,14 +75,18 @@ bench-gpu: $(STAMP)
 	    --widths S XL --tokens 256 1024 4096 --out bench/results/gpu/attention.json
 	$(PY) -m bench.attention --device cuda --part mixing --attention mhsa vca vca@triton \
 	    --widths S XL --tokens 256 1024 4096 --out bench/results/gpu/attention-mixing.json
+	$(PY) -m bench.attention --device cuda --compile --batch 32 \
+	    --attention mhsa vca@traced vca@aten vca@triton --widths S XL --tokens 256 1024 4096 \
+	    --out bench/results/gpu/attention-compiled.json
 	for run in $(GPU_TRAIN_RUNS); do \
 	    set -- $$(echo $$run | tr : ' '); \
 	    $(PY) -m bench.train_step --device cuda --model DiT-$$1/2 --image-size $$2 --batch $$3 \
-	        --attention mhsa vca vca@triton --out bench/results/gpu/train_step-$$1-$$2.json \
+	        --attention mhsa vca@traced vca@aten vca@triton \
+	        --out bench/results/gpu/train_step-$$1-$$2.json \
 	        || exit 1; \
 	done
 	$(PY) -m bench.compile_time --device cuda --model DiT-XL/2 --batch 32 \
-	    --out bench/results/gpu/compile_time.json
+	    --attention mhsa vca@traced vca@aten --out bench/results/gpu/compile_time.json
 	$(PY) -m bench.sampling --device cuda --dit-model DiT-XL/2 --sit-model SiT-XL/2 --batch 32 \
 	    --out bench/results/gpu/sampling.json
 	$(PY) -m bench.report --dir bench/results/gpu

@@ -284,6 +284,8 @@ def main(argv=None):
     print("|" + "|".join("---" for _ in header) + "|")
     for width in args.widths:
         for tokens in args.tokens:
+            if args.compile:  # no graphs of another shape, which would make shapes dynamic
+                torch._dynamo.reset()
             layers = {}
             for kind in args.attention:
                 layers[kind], hidden = make_layer(

@@ -15,10 +15,11 @@ import os
 from common.cli import ArgumentParser
 from common.plots import ratio_bars
 
-from . import compile_time, sampling, train_step
+from . import compile_time, recompute, sampling, train_step
 
-BENCHMARKS = ("attention", "train_step", "compile_time", "sampling")
+BENCHMARKS = ("attention", "train_step", "compile_time", "recompute", "sampling")
 TITLES = {
+    "recompute": "Compiled VCA layer: what the traced backward saves or recomputes, per policy",
     "train_step": "Training step: original DiT recipe (reference) against ours (fast)",
     "compile_time": "Cold compile time of the training step's blocks",
     "sampling": "Sampling, VAE decode included: sample.py recipe (reference) against ours (fast)",
@@ -28,17 +29,21 @@ TITLES = {
 def attention_table(payload: dict) -> tuple[list, list]:
     rows = payload["rows"]
     first = rows[0]
-    kinds = list(first.get("ms") or first["peak_mb"])
+    kinds = list(first.get("ms") or first.get("peak_mb") or first["saved_mb"])
     base = kinds[0]
-    header = ["part", "width", "N", "pass", "dtype", "batch"]
+    header = ["part", "width", "N", "pass", "mode", "dtype", "batch"]
     if "ms" in first:
         header += [f"{k} ms" for k in kinds] + [f"{k} vs {base}" for k in kinds[1:]]
     if "peak_mb" in first:
         header += [f"{k} MB" for k in kinds] + [f"{k}/{base} MB" for k in kinds[1:]]
+    saves = any("saved_mb" in row for row in rows)
+    if saves:
+        header += [f"{k} saved MB" for k in kinds] + [f"{k}/{base} saved" for k in kinds[1:]]
     cells = []
     for row in rows:
         cell = [row.get("part", "layer"), row["width"], str(row["tokens"]), row["pass"]]
-        cell += [row["dtype"], str(row.get("batch", 1))]
+        mode = "compiled" if row.get("compiled") else "eager"
+        cell += [mode, row["dtype"], str(row.get("batch", 1))]
         if "ms" in row:
             speed = row["speedup_vs_" + base]
             cell += [f"{row['ms'][k]:.2f}" for k in kinds] + [f"{speed[k]:.2f}x" for k in kinds[1:]]
@@ -46,6 +51,13 @@ def attention_table(payload: dict) -> tuple[list, list]:
             peak = row["peak_mb"]
             cell += [f"{peak[k]:.1f}" for k in kinds]
             cell += [f"{peak[k] / peak[base]:.2f}x" for k in kinds[1:]]
+        if saves:
+            saved = row.get("saved_mb")
+            if saved:
+                cell += [f"{saved[k]:.1f}" for k in kinds]
+                cell += [f"{saved[k] / saved[base]:.2f}x" for k in kinds[1:]]
+            else:
+                cell += ["-"] * (2 * len(kinds) - 1)
         cells.append(cell)
     return header, cells
 
@@ -54,18 +66,19 @@ def title(name: str, payload: dict) -> str:
     """The section's heading; an attention run says what it covers and measures."""
     if name != "attention":
         return TITLES[name]
-    row = payload["rows"][0]
-    part = "Token mixing alone" if row.get("part") == "mixing" else "Attention layer"
-    measured = " and ".join(
-        m for key, m in (("ms", "time"), ("peak_mb", "peak memory")) if key in row
-    )
-    return f"{part}, {measured}: MHSA against VCA"
+    rows = payload["rows"]
+    part = "Token mixing alone" if rows[0].get("part") == "mixing" else "Attention layer"
+    measures = (("ms", "time"), ("peak_mb", "peak memory"), ("saved_mb", "memory saved"))
+    measured = ", ".join(m for key, m in measures if any(key in row for row in rows))
+    mode = "compiled" if rows[0].get("compiled") else "eager"
+    return f"{part}, {mode}, {measured}: MHSA against VCA"
 
 
 TABLES = {
     "attention": attention_table,
     "train_step": train_step.table,
     "compile_time": compile_time.table,
+    "recompute": recompute.table,
     "sampling": sampling.table,
 }
 
@@ -75,6 +88,15 @@ def ratios(name: str, payload: dict) -> list[tuple[str, float]]:
     bars, first = [], payload["rows"][0].get("attention")
     if name == "compile_time":
         return bars
+    if name == "recompute":
+        return [
+            (
+                f"compiled layer {r['width']} N={r['tokens']} {r['policy']} vs mhsa",
+                r["speed_vs_mhsa"],
+            )
+            for r in payload["rows"]
+            if r["policy"] != "mhsa"
+        ]
     for row in payload["rows"]:
         if name == "attention":
             if "ms" not in row:  # a memory-only run

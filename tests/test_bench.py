@@ -55,6 +55,13 @@ def test_attention_benchmark_compiles_the_layers_and_counts_what_they_save(tmp_p
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"] and all(r["compiled"] for r in rows)
     assert "peak_mb" not in rows[1] and all(mb > 0 for mb in rows[1]["saved_mb"].values())
     assert "| T | 64 | fwd+bwd |" in result.stdout
+    report = subprocess.run([sys.executable, "-m", "bench.report", "--dir", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-2000:]
+    page = (tmp_path / "README.md").read_text()
+    assert "## Attention layer, compiled, time, memory saved: MHSA against VCA" in page
+    saved = rows[1]["saved_mb"]
+    assert f"| {saved['vca@traced']:.1f} | {saved['vca@aten'] / saved['mhsa']:.2f}x |" in page
 
 
 def test_saved_memory_counts_what_the_backward_keeps_beyond_input_and_weights():
@@ -122,8 +129,8 @@ def test_attention_benchmark_measures_memory_alone_and_the_report_shows_it(tmp_p
                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert report.returncode == 0, report.stderr[-2000:]
     page = (tmp_path / "README.md").read_text()
-    assert "## Attention layer, peak memory: MHSA against VCA" in page
-    assert "| layer | T | 64 | fwd | fp32 | 3 |" in page and f"{ratio:.2f}x" in page
+    assert "## Attention layer, eager, peak memory, memory saved: MHSA against VCA" in page
+    assert "| layer | T | 64 | fwd | eager | fp32 | 3 |" in page and f"{ratio:.2f}x" in page
     both = subprocess.run(cmd + ["--no-memory"], cwd=REPO, capture_output=True, text=True)
     assert both.returncode == 2 and "nothing to measure" in both.stderr
 

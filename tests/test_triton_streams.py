@@ -181,3 +181,33 @@ def test_triton_resources_rejects_an_architecture_it_has_no_limit_for(capsys):
         build_parser().parse_args(["--archs", "75"])
     assert exit_info.value.code == 2
     assert "invalid choice: 75" in capsys.readouterr().err
+
+
+def test_inductor_compiled_layer_runs_the_triton_kernels_with_eager_results(
+    triton_stream_kernels, monkeypatch
+):
+    """A VCA layer compiled by inductor launches the Triton kernels from its opaque ops (on the
+    CPU through the interpreter), forward and backward, and equals the eager layer: the kernels'
+    outputs keep the strides the fake kernels promise."""
+    device = "cpu" if INTERPRETED else "cuda"
+    launches = []
+    for name in ("forward", "backward"):
+        kernel = getattr(triton_streams, name)
+        spy = lambda *args, kernel=kernel, name=name: launches.append(name) or kernel(*args)  # noqa: E731
+        monkeypatch.setattr(triton_streams, name, spy)
+    generator = torch.Generator().manual_seed(0)
+    layer = attention.build_attention("vca", 32, 4, (4, 6), 1, contrast_grid=(2, 2))
+    layer = layer.to(device, DTYPE)
+    x = torch.randn(3, 24, 32, generator=generator, dtype=torch.float64)
+    x = x.to(device, DTYPE).requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="inductor", fullgraph=True)
+    results = []
+    for run in (layer, compiled):
+        launches.clear()
+        out = run(x)
+        results.append([out, *torch.autograd.grad(out.float().square().sum(), [x])])
+        assert launches == ["forward", "forward", "backward", "backward"]
+    for got, expected in zip(results[1], results[0], strict=True):
+        tol = TOLERANCE[DTYPE] * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol)
