@@ -273,7 +273,9 @@ stream_kernel = "auto"  # set with set_stream_kernel
 
 def set_stream_kernel(name: str) -> None:
     """Which kernels run the stream-difference products, process-wide:
-    - "auto" (the default): "traced" under torch.compile, "aten" in eager mode;
+    - "auto" (the default): "traced" where torch.compile traces a training step (autograd
+      on), "aten" elsewhere: eager, and compiled sampling, where the op's in-place softmax and
+      parts hold less memory (README, Speed, times both);
     - "traced": plain autograd ops (`traced_stream_difference`) that torch.compile sees and
       fuses with the softmaxes, the map difference and the norms around them;
     - "aten": the custom op `stream_difference_op`, batched GEMMs and softmaxes in
@@ -445,9 +447,8 @@ def stream_difference(query, key, value, lam, in_keys: bool, joint: bool = False
     value in the query's dtype."""
     dtype = query.dtype
     key, value = key.to(dtype), value.to(dtype)
-    traced = stream_kernel == "traced" or (
-        stream_kernel == "auto" and torch.compiler.is_compiling()
-    )
+    compiled_training = torch.compiler.is_compiling() and torch.is_grad_enabled()
+    traced = stream_kernel == "traced" or (stream_kernel == "auto" and compiled_training)
     if traced:
         return traced_stream_difference(query, key, value, lam, in_keys, joint)
     return stream_difference_op(query, key, value, lam, in_keys, joint)

@@ -159,8 +159,9 @@ def test_precision_and_compile_defaults():
 @pytest.mark.parametrize("kernel", ["auto", "aten"])
 def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(monkeypatch, kernel):
     """Guided sampling doubles the batch the blocks see, and with it the number of parts the
-    stream products run in; inductor-compiled blocks (traced products by default, the opaque
-    op with `aten`) give eager mode's guided output in one part and in several."""
+    stream products run in; inductor-compiled blocks (the stream products as the opaque op,
+    which `auto` picks without autograd as `aten` does) give eager mode's guided output in one
+    part and in several, and run the op in those parts."""
     from models import attention
 
     monkeypatch.setattr(attention, "stream_kernel", kernel)
@@ -187,8 +188,10 @@ def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(monkeyp
         compile_blocks(model)
         for minimum, want in expected.items():
             monkeypatch.setitem(attention.MIN_PART_ENTRIES, "cpu", minimum)
+            counts.clear()
             got = model.forward_with_cfg(x, t, y, cfg_scale=3.0)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert (max(counts) > 1) == (minimum == 1), counts
 
 
 def test_compiled_blocks_share_one_graph_and_serve_guided_sampling():
