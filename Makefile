@@ -19,12 +19,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The demo: train on the built-in shapes (pixel space, no download), sample a grid, evaluate.
+# The demo: train on the built-in shapes (pixel space, no download), sample a grid, evaluate;
+# the grid and loss curve are copied to docs/images/, where README shows them.
 # Override e.g. `make demo DEMO_MODEL=DiT-T/4 DEMO_ATTENTION=mhsa`.
 DEMO_MODEL ?= SiT-T/4
 DEMO_ATTENTION ?= vca
 DEMO_STEPS ?= 700
-DEMO_DIR ?= results/demo-$(subst /,-,$(DEMO_MODEL))-$(DEMO_ATTENTION)
+DEMO_NAME = $(subst /,-,$(DEMO_MODEL))-$(DEMO_ATTENTION)
+DEMO_DIR ?= results/demo-$(DEMO_NAME)
 DEMO_CKPT = $(DEMO_DIR)/checkpoints/$(shell printf '%07d' $(DEMO_STEPS)).pt
 DEMO_SAMPLER = $(if $(findstring SiT,$(DEMO_MODEL)),--sampler ode --ode-method heun --num-sampling-steps 13,--sampler ddim --num-sampling-steps 50)
 
@@ -37,6 +39,9 @@ demo: $(STAMP)
 	    --cfg-scale 2.0 $(DEMO_SAMPLER) --out $(DEMO_DIR)/grid.png
 	$(PY) evaluate_fid.py --ckpt $(DEMO_CKPT) --ref synthetic --num-samples 200 --batch-size 50 \
 	    --cfg-scale 2.0 $(DEMO_SAMPLER) --sample-dir $(DEMO_DIR)/eval --json $(DEMO_DIR)/eval.json
+	mkdir -p docs/images
+	cp $(DEMO_DIR)/grid.png docs/images/demo-$(DEMO_NAME)-grid.png
+	cp $(DEMO_DIR)/loss.png docs/images/demo-$(DEMO_NAME)-loss.png
 	@echo "grid:       $(DEMO_DIR)/grid.png"
 	@echo "log:        $(DEMO_DIR)/log.txt"
 	@echo "loss curve: $(DEMO_DIR)/loss.png"

@@ -91,17 +91,23 @@ def time_layers(layers, x, backward, reps, device):
 
 
 def operator_table(kind, args, device, dtype, rows: int = 15) -> str:
-    """The operators that take the most self time over --reps forward+backward calls."""
-    layer, hidden = make_layer(kind, args.widths[0], args.tokens[0], device, dtype, args.part)
+    """The operators that take the most self time over --reps forward+backward calls; with
+    --compile, inductor's generated kernels by name."""
+    if args.compile:
+        torch._inductor.config.cpp.enable_kernel_profile = True
+    layer, hidden = make_layer(
+        kind, args.widths[0], args.tokens[0], device, dtype, args.part, args.compile
+    )
     x = torch.randn(args.batch, args.tokens[0], hidden, device=device, dtype=dtype)
     x.requires_grad_(True)
-    run_once(layer, x, True, kind)
+    for _ in range(2):  # compiles, then warms
+        run_once(layer, x, True, kind)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.reps):
             run_once(layer, x, True, kind)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=90)
 
 
 def saved_memory_mb(layer, x, spec) -> float:

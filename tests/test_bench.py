@@ -45,7 +45,7 @@ def test_attention_benchmark_compiles_the_layers_and_counts_what_they_save(tmp_p
     """--compile times inductor-compiled layers, each stream kernel its own mixer; on the CPU
     the memory it reports is the bytes saved for the backward (no peak: the op-by-op count
     cannot see inside inductor's kernels)."""
-    out = tmp_path / "compiled.json"
+    out = tmp_path / "attention-compiled.json"
     cmd = [sys.executable, "-m", "bench.attention", "--compile", "--widths", "T", "--tokens",
            "64", "--attention", "mhsa", "vca@aten", "vca@traced", "--reps", "1",
            "--out", str(out)]  # fmt: skip
