@@ -1,8 +1,9 @@
 """FID-50K, sFID, Inception Score, precision and recall, as ADM's evaluator computes them.
 
-    # sample 50k images from a checkpoint (8 GPUs), then evaluate against ADM's reference batch
+    # sample 50k images from a checkpoint (8 GPUs), then evaluate against ADM's reference batch;
+    # --cfg-channels 3 is DiT's own guidance rule, which its published FIDs use
     torchrun --nproc_per_node=8 evaluate_fid.py --ckpt DiT-XL-2-256x256.pt \\
-        --ref VIRTUAL_imagenet256_labeled.npz --num-samples 50000 --cfg-scale 1.5
+        --ref VIRTUAL_imagenet256_labeled.npz --num-samples 50000 --cfg-scale 1.5 --cfg-channels 3
     # evaluate an existing sample file (ours, DiT's or ADM's arr_0 layout)
     python evaluate_fid.py --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     # reference statistics of your own dataset (ImageFolder, folder of images, or .npz)
@@ -18,13 +19,14 @@ import sys
 
 from common import InputError, check_writable, iter_npz_array, npz_array_info
 from common.cli import ArgumentParser, report
+from common.npz import NpzError
 from data import iter_folder_images
 from engine import dist
 from engine.errors import UsageError
 from engine.loading import CheckpointRequest, add_model_args, load_model
 from engine.precision import apply_precision
 from engine.sample_set import SampleSetConfig, add_sample_set_args, draw_sample_set
-from engine.sampling import add_sampler_args, sampler_from_args
+from engine.sampling import add_sampler_args, check_steps_and_guidance, sampler_from_args
 from metrics import (
     InceptionFeatures,
     evaluate_file,
@@ -137,8 +139,6 @@ def make_reference(args) -> None:
     extractor = InceptionFeatures(args.inception_weights, device=dist.resolve_device(args.device))
     if args.images.endswith(".npz"):
         batches = iter_npz_array(args.images, batch_size=args.eval_batch_size)
-    elif args.image_size is None:
-        raise UsageError("--make-ref from an image folder needs --image-size (e.g. 256)")
     else:
         batches = iter_folder_images(args.images, args.image_size, args.eval_batch_size)
     write_reference(
@@ -159,6 +159,10 @@ def check_inputs(args) -> tuple[SampleSetConfig | None, object]:
             raise UsageError("--make-ref needs --images (an image folder or an .npz)")
         if not os.path.exists(args.images):
             raise UsageError(f"--images {args.images} does not exist")
+        if not args.images.endswith(".npz") and args.image_size is None:
+            raise UsageError("--make-ref from an image folder needs --image-size (e.g. 256)")
+        if args.image_size is not None and args.image_size < 1:
+            raise UsageError(f"--image-size must be positive, got {args.image_size}")
         if args.ref_images < 0:
             raise UsageError(f"--ref-images must be 0 or more, got {args.ref_images}")
         check_writable(args.make_ref, "--make-ref", is_dir=False)
@@ -167,11 +171,17 @@ def check_inputs(args) -> tuple[SampleSetConfig | None, object]:
     if args.samples:
         if not args.ref:
             raise UsageError("--samples needs --ref to evaluate against")
-        npz_array_info(args.samples)  # a readable .npz with arr_0
+        try:
+            npz_array_info(args.samples)  # a readable .npz with arr_0
+        except NpzError as err:
+            raise UsageError(
+                f"--samples takes an .npz sample file (arr_0: uint8 N x H x W x 3 images): {err}"
+            ) from None
     elif not args.ckpt:
         raise UsageError("give --ckpt to sample (and --ref to evaluate), or --samples")
     else:
         sample_set = SampleSetConfig.from_args(args)
+        check_steps_and_guidance(args.num_sampling_steps, args.cfg_scale)
     reference = args.ref
     if args.ref and args.ref != "synthetic":
         reference = load_reference(args.ref)  # read and checked now, not after sampling

@@ -23,7 +23,12 @@ from engine.errors import UsageError
 from engine.images import make_grid, save_png
 from engine.loading import CheckpointRequest, add_model_args, load_model
 from engine.precision import apply_precision
-from engine.sampling import add_sampler_args, sample_batches, sampler_from_args
+from engine.sampling import (
+    add_sampler_args,
+    check_steps_and_guidance,
+    sample_batches,
+    sampler_from_args,
+)
 
 DIT_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py: ImageNet classes
 
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
         check_writable(args.out, "--out", is_dir=False)
         if args.save_each:
             check_writable(args.save_each, "--save-each")
+        check_steps_and_guidance(args.num_sampling_steps, args.cfg_scale)
         loaded = load_model(CheckpointRequest.from_args(args))
         apply_precision(loaded.precision)
         spec = sampler_from_args(loaded.family, args)

@@ -15,7 +15,9 @@ the forward keeps for the backward beyond its input and weights: what each layer
 training step's activations, compiled or not.
 """
 
+import argparse
 import functools
+import math
 import sys
 import weakref
 
@@ -188,6 +190,14 @@ class LiveTensorBytes(TorchDispatchMode):
         self.live -= size
 
 
+def square_tokens(value: str) -> int:
+    """--tokens: a token count that tiles a square grid, as the mixers' layout needs."""
+    tokens = int(value)
+    if tokens < 1 or math.isqrt(tokens) ** 2 != tokens:
+        raise argparse.ArgumentTypeError(f"{value} is not a square grid's token count (e.g. 256)")
+    return tokens
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.attention",
@@ -215,9 +225,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--tokens",
         nargs="+",
-        type=int,
+        type=square_tokens,
         default=[256, 1024, 4096],
-        help="token counts N (square grids)",
+        help="token counts N, each a square grid's (default: 256 1024 4096)",
     )
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument(

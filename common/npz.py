@@ -25,9 +25,12 @@ def _open_member(path, key):
             yield member
     except KeyError:
         raise NpzError(f"{path} has no array {key!r}: write it with np.savez") from None
-    except (zipfile.BadZipFile, OSError) as error:
-        reason = one_line(error)
-        raise NpzError(f"{path} is not a readable .npz file ({reason}): rewrite it") from None
+    except FileNotFoundError:
+        raise NpzError(f"{path} does not exist") from None
+    except zipfile.BadZipFile:
+        raise NpzError(f"{path} is not an .npz file (the zip of arrays np.savez writes)") from None
+    except OSError as error:
+        raise NpzError(f"cannot read {path} ({one_line(error)})") from None
 
 
 def _read_header(member, path, key):

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from common import atomic_write, cache_root, one_line
+from common import atomic_write, cache_root, one_line, safe_load_failure
 
 from .errors import UsageError
 
@@ -38,6 +38,13 @@ def resolve_checkpoint(name_or_path: str, cache_dir: str) -> str:
     path = os.path.expanduser(name_or_path)
     if os.path.isfile(path):
         return path
+    if os.path.isdir(path):
+        found = list_checkpoints(path) or list_checkpoints(os.path.join(path, "checkpoints"))
+        newest = f", e.g. its newest, {found[-1][1]}" if found else ""
+        raise UsageError(
+            f"checkpoint {name_or_path!r} is a directory, not a checkpoint file; pass a "
+            f"checkpoint file{newest}"
+        )
     if name_or_path not in OFFICIAL_URLS:
         raise UsageError(
             f"checkpoint {name_or_path!r} does not exist; pass a checkpoint file or one of the "
@@ -124,7 +131,7 @@ def load_checkpoint(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"cannot read checkpoint {path!r}: {one_line(err)}") from err
+        raise UsageError(f"cannot read checkpoint {path!r}: {safe_load_failure(err)}") from err
 
 
 def checkpoint_path(folder: str, step: int) -> str:

@@ -99,6 +99,10 @@ class ClassifierConfig(RunConfig):
         )
         if self.attention not in CLASSIFIER_ATTENTIONS:
             raise UsageError(f"--attention must be one of {', '.join(CLASSIFIER_ATTENTIONS)}")
+        try:
+            family_of(self.model)
+        except ValueError as err:
+            raise UsageError(f"--model: {err}") from None
         if (self.mixup or self.cutmix) and self.global_batch_size % 2:
             raise UsageError("Mixup/CutMix pair the images of a batch: use an even batch size")
 

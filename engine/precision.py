@@ -37,8 +37,11 @@ def resolve_compile(flag: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if flag is None else flag
 
 
-def add_precision_args(group, precision: str = "auto", compile_default: bool | None = None) -> None:
-    """--precision and --compile/--no-compile, with the same meaning in every script."""
+def add_precision_args(
+    group, precision: str = "auto", compile_default: bool | None = None, compiles: bool = True
+) -> None:
+    """--precision and --compile/--no-compile (where the script `compiles` its DiT's blocks),
+    with the same meaning in every script."""
     group.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -47,12 +50,16 @@ def add_precision_args(group, precision: str = "auto", compile_default: bool | N
         "tf32 matmuls, or bf16/fp16 autocast (fp16 with loss scaling in training); TF32 is on "
         f"for GPU matmuls unless fp32 (default {precision})",
     )
+    if not compiles:
+        return
     default = {None: "on for CUDA, off on CPU", True: "on", False: "off"}[compile_default]
     group.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=compile_default,
-        help=f"torch.compile the model; a one-off cost of a minute or more (default: {default})",
+        help="torch.compile each transformer block in place (one graph all blocks share; the "
+        "embedders and the final layer stay eager); a one-off cost of a minute or more "
+        f"(default: {default})",
     )
 
 

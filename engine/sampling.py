@@ -134,6 +134,18 @@ def add_sampler_args(parser: argparse.ArgumentParser, cfg_scale: float | None = 
     group.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
 
 
+MIN_STEPS = 2  # every method counts both ends of its time grid
+
+
+def check_steps_and_guidance(steps: int | None, cfg_scale: float) -> None:
+    """The sampler rules that hold for every model (steps None: the method's default), which
+    scripts check before they read a checkpoint (an official one is a multi-GB download)."""
+    if steps is not None and steps < MIN_STEPS:
+        raise UsageError(f"--num-sampling-steps must be at least {MIN_STEPS}, got {steps}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"the guidance scale must be finite and non-negative, got {cfg_scale}")
+
+
 def make_sampler(
     family: str,
     method: str | None = None,
@@ -156,14 +168,11 @@ def make_sampler(
             f"use one of {', '.join(METHODS[family])}"
         )
     steps = DEFAULT_STEPS[method] if steps is None else steps
-    if steps < 2:  # every method counts both ends of its time grid
-        raise UsageError(f"--num-sampling-steps must be at least 2 for {method}")
+    check_steps_and_guidance(steps, cfg_scale)
     if method == "ode" and o["ode_method"] not in transport.ODE_METHODS:
         raise UsageError(
             f"unknown ODE sampling_method {o['ode_method']!r}; choose from {transport.ODE_METHODS}"
         )
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"the guidance scale must be finite and non-negative, got {cfg_scale}")
     if method == "ddim":
         spec_options = {"eta": o["ddim_eta"]}
     elif method == "ode":

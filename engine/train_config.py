@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from common.cli import from_flags
 from models import ModelConfig, parse_model_name
+from models.codec import codec_downsample
 
 from .errors import UsageError
 from .objective import ObjectiveConfig
@@ -92,9 +93,10 @@ def add_vca_args(group, contrast_grid: int, grid_note: str) -> None:
     )
 
 
-def add_run_args(parser: argparse.ArgumentParser, **defaults) -> None:
-    """The flags of RunConfig's fields in an "optimisation" and a "checkpoints and logs" group;
-    `defaults` replaces a flag's default (by field name) where a script's recipe differs."""
+def add_run_args(parser: argparse.ArgumentParser, compiles: bool = True, **defaults) -> None:
+    """The flags of RunConfig's fields in an "optimisation" and a "checkpoints and logs" group
+    (--compile only where the script `compiles` its blocks); `defaults` replaces a flag's
+    default (by field name) where a script's recipe differs."""
     d = {field.name: field.default for field in fields(RunConfig) if field.name != "data_path"}
     d.update(defaults)
     g = parser.add_argument_group("optimisation")
@@ -105,7 +107,8 @@ def add_run_args(parser: argparse.ArgumentParser, **defaults) -> None:
         "--max-steps",
         type=int,
         default=d["max_steps"],
-        help="stop after this many optimizer steps (overrides --epochs)",
+        help="stop after this many optimizer steps (default: none, --epochs decides; "
+        "overrides --epochs)",
     )
     g.add_argument(
         "--global-batch-size",
@@ -135,10 +138,13 @@ def add_run_args(parser: argparse.ArgumentParser, **defaults) -> None:
         default=d["grad_clip"],
         help="clip the gradient norm to this value (default 0: no clipping)",
     )
-    add_precision_args(g)
+    add_precision_args(g, compiles=compiles)
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument(
-        "--num-workers", type=int, default=d["num_workers"], help="data loader workers per process"
+        "--num-workers",
+        type=int,
+        default=d["num_workers"],
+        help=f"data loader workers per process (default {d['num_workers']})",
     )
 
     g = parser.add_argument_group("checkpoints and logs")
@@ -153,8 +159,10 @@ def add_run_args(parser: argparse.ArgumentParser, **defaults) -> None:
         const="auto",
         default=None,
         metavar="auto|PATH",
-        help="continue from a checkpoint; 'auto' (or the bare flag) takes the newest "
-        "complete one in --results-dir, starting fresh when there is none",
+        help="continue a run: from PATH (an error if it is missing), or with 'auto' (the bare "
+        "flag) from the newest checkpoint in --results-dir/checkpoints that loads; auto starts "
+        "from step 0 when the folder has no checkpoint yet, and is an error when it has some "
+        "but none loads (default: off, and a fresh run refuses a folder that holds checkpoints)",
     )
     g.add_argument("--log-every", type=int, default=100, help="log every N steps (default 100)")
     g.add_argument(
@@ -221,6 +229,20 @@ class TrainConfig(RunConfig):
         except ValueError as err:
             raise UsageError(str(err)) from None
         self.model_config(patch, 4, self.num_classes or 1)
+        downsample = codec_downsample(self.vae)
+        if downsample is not None:  # before the VAE is loaded, or downloaded
+            self.check_image_size(downsample)
+
+    def check_image_size(self, downsample: int) -> None:
+        """A UsageError unless --image-size makes whole patches of latents with a VAE that
+        downsamples by `downsample`."""
+        patch = parse_model_name(self.model)[2]
+        factor = downsample * patch
+        if self.image_size % factor:
+            raise UsageError(
+                f"--image-size {self.image_size} is not divisible by {factor} (VAE factor "
+                f"{downsample} x patch {patch}); use a multiple of {factor}"
+            )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **given) -> "TrainConfig":

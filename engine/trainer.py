@@ -40,13 +40,7 @@ class Trainer(TrainingLoop):
         """The images (after the codec that fixes the latent sizes), and the network's config."""
         config = self.config
         self.codec = load_codec(config.vae, self.device)
-        factor = self.codec.downsample * parse_model_name(config.model)[2]
-        if config.image_size % factor:
-            raise UsageError(
-                f"--image-size {config.image_size} is not divisible by {factor} (VAE factor "
-                f"{self.codec.downsample} x patch {factor // self.codec.downsample}); use a "
-                f"multiple of {factor}"
-            )
+        config.check_image_size(self.codec.downsample)  # a hub VAE's factor is known only now
         images = build_dataset(config.data_path, config.image_size, config.num_classes)
         self.model_config = config.model_config(
             config.image_size // self.codec.downsample,

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from common import InputError, atomic_write
 from common.cli import ArgumentParser, report
 from engine.errors import UsageError
+from engine.sampling import MIN_STEPS
 
 from .aggregate import run_folder, write_summary
 from .tables import SCALES, TABLES, cells
@@ -151,6 +152,11 @@ def check_budget(json_path: str, steps: int) -> None:
 def write_cluster_commands(runs, script: str, folder, table: str, nodes: int) -> str:
     """<table>.sh: per run the torchrun lines and the chained sbatch submissions."""
     lines = ["#!/bin/bash", "# torchrun on one node of 8 GPUs per run, or the sbatch jobs below"]
+    if flag_values(runs[0][0]).get("--keep-checkpoints") == "0":
+        lines += [
+            "# --keep-checkpoints 0: each run keeps every --ckpt-every checkpoint, not only the",
+            "# newest 3, so each can be evaluated later, e.g. for an FID-over-training curve",
+        ]
     for train, evaluate in runs:
         lines.append(f"torchrun --nproc_per_node=8 {script} " + shlex.join(train))
         if evaluate:
@@ -186,24 +192,34 @@ def main(argv=None) -> int:
         "--eval-samples",
         type=int,
         default=None,
-        help="evaluation images per run (default: the scale's)",
+        help="evaluation images per run (default: the scale's, 500 at demo and 50000 at "
+        "ImageNet scale)",
     )
     parser.add_argument(
         "--sampling-steps",
         type=int,
         default=None,
-        help="sampler steps of the evaluation (default: the sampler's)",
+        help=f"sampler steps of the evaluation, {MIN_STEPS} or more (default: the scale's "
+        "sampler's)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="demo runs side by side, sharing the cores (default 1)"
     )
-    parser.add_argument("--nodes", type=int, default=4, help="sbatch nodes at ImageNet scale")
+    parser.add_argument(
+        "--nodes", type=int, default=4, help="sbatch nodes per run at ImageNet scale (default 4)"
+    )
     parser.add_argument("--out", default="studies", help="folder of the studies (default studies)")
     args = parser.parse_args(argv)
     table = TABLES[args.table]
     scale = table.scales[args.scale]
-    if args.seeds < 1 or args.jobs < 1 or (args.steps is not None and args.steps < 1):
-        parser.error("--seeds, --jobs and --steps must be positive")
+    # Checked here, not by the scripts they reach: a bad value would stop each run only after
+    # its training.
+    for flag, value, least in [("--seeds", args.seeds, 1), ("--jobs", args.jobs, 1),
+                               ("--nodes", args.nodes, 1), ("--steps", args.steps, 1),
+                               ("--eval-samples", args.eval_samples, 1),
+                               ("--sampling-steps", args.sampling_steps, MIN_STEPS)]:  # fmt: skip
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
     chosen = cells(args.table, scale)
     if args.only:
         wanted = {tuple(item.split(":", 1)) for item in args.only}
@@ -214,9 +230,9 @@ def main(argv=None) -> int:
     folder = os.path.join(args.out, args.scale)
     steps = args.steps or scale.steps
     extra_eval = []
-    if args.eval_samples:
+    if args.eval_samples is not None:
         extra_eval += ["--num-samples", str(args.eval_samples)]
-    if args.sampling_steps:
+    if args.sampling_steps is not None:
         extra_eval += ["--num-sampling-steps", str(args.sampling_steps)]
     runs = [
         run_commands(model, attention, seed, folder, scale, steps, extra_eval)

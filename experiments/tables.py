@@ -46,7 +46,8 @@ DEMO = Scale(
 IMAGENET = Scale(
     train=("--data-path", "/data/imagenet/train", "--image-size", "256", "--vae", "ema",
            "--global-batch-size", "256", "--lr", "1e-4", "--ema-decay", "0.9999",
-           "--latent-cache", "/data/imagenet-latents"),
+           "--latent-cache", "/data/imagenet-latents",
+           "--keep-checkpoints", "0"),  # every checkpoint, for FID-over-training curves
     evaluate=("--ref", "VIRTUAL_imagenet256_labeled.npz", "--num-samples", "50000",
               "--cfg-scale", "1.0"),
     steps=400_000,

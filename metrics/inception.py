@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
-from common import one_line
+from common import one_line, safe_load_failure
 
 from .errors import MetricsError
 
@@ -62,7 +62,8 @@ def _check_weights_file(path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise MetricsError(
-            f"Inception weights file {path} is not a PyTorch state dict ({one_line(error)}): {fix}"
+            f"Inception weights file {path} is not a PyTorch state dict "
+            f"({safe_load_failure(error)}): {fix}"
         ) from None
     if not isinstance(state, dict):
         raise MetricsError(f"Inception weights file {path} holds no state dict: {fix}")

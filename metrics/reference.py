@@ -20,7 +20,10 @@ from .stats import FeatureAccumulator
 
 POOL_DIM = 2048
 SPATIAL_DIM = 2023
-_ADM_HINT = "use an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or write_reference"
+_ADM_HINT = (
+    "use an ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz) or make one with "
+    "evaluate_fid.py --make-ref OUT.npz --images DIR"
+)
 
 
 def progress_bar(iterable, desc, enabled, total=None):
@@ -47,8 +50,10 @@ def _statistic(data, path, key, dim):
         raise MetricsError(f"reference {path} has no {key!r} (it has {data.files}): {_ADM_HINT}")
     try:
         value = data[key]
-    except ValueError as error:  # pickled object arrays, refused by allow_pickle=False
-        raise MetricsError(f"reference {path}: {key} is unreadable ({one_line(error)})") from None
+    except ValueError:  # numpy's text advises allow_pickle, which would run the file's code
+        raise MetricsError(
+            f"reference {path}: {key} is a pickled object array, which is never loaded: {_ADM_HINT}"
+        ) from None
     expected = (dim,) if key.startswith("mu") else (dim, dim)
     if value.shape != expected or not np.issubdtype(value.dtype, np.floating):
         raise MetricsError(
@@ -71,8 +76,10 @@ def load_reference(path):
         raise MetricsError(f"reference file {path} does not exist: {_ADM_HINT}")
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise MetricsError(f"reference {path} is not an .npz file ({one_line(error)})") from None
+    except OSError as error:
+        raise MetricsError(f"cannot read reference {path} ({one_line(error)})") from None
+    except (ValueError, EOFError, zipfile.BadZipFile):  # numpy's text advises allow_pickle
+        raise MetricsError(f"reference {path} is not an .npz file: {_ADM_HINT}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise MetricsError(f"reference {path} is a single .npy array, not an .npz: {_ADM_HINT}")
     with data:

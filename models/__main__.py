@@ -3,13 +3,15 @@ built modules (meta device, so even XL at 512 px costs no memory). `--classifica
 for the seed paper's timm classifiers at 224 px, beside the paper's parameter counts."""
 
 import json
+import os
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common import atomic_write, check_writable
 from common.cli import ArgumentParser
 
-from . import ATTENTION_HELP, ATTENTIONS, MODEL_NAMES, create_model
+from . import ATTENTION_HELP, ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
 from .attention import InlineCustomOps
 from .classifier import BACKBONES, create_classifier
 
@@ -78,6 +80,44 @@ def classification_table(attentions) -> list[dict]:
     return rows
 
 
+def generation_table(models, attentions, image_sizes) -> list[dict]:
+    """Print the DiT/SiT table (params M / GMACs per attention) of each image size, row by row."""
+    rows = []
+    for size in image_sizes:
+        print(f"\n{size} px: params (M) / forward GMACs, batch 1")
+        print(f"| {'model':<10} | " + " | ".join(f"{a:>17}" for a in attentions) + " |")
+        print("|" + "-" * 12 + "|" + "|".join("-" * 19 for _ in attentions) + "|")
+        for name in models:
+            cells = []
+            for attention in attentions:
+                row = count(name, attention, size)
+                rows.append(row)
+                cells.append(f"{row['params'] / 1e6:8.2f} / {row['gmacs']:6.2f}")
+            print(f"| {name:<10} | " + " | ".join(cells) + " |", flush=True)
+    return rows
+
+
+def check_inputs(args) -> None:
+    """The flags' values, checked before anything is counted or printed: a ValueError naming
+    the flag."""
+    for name in args.models:
+        try:
+            patch = parse_model_name(name)[2]
+        except ValueError as err:
+            raise ValueError(f"--models: {err}") from None
+        for size in args.image_size:
+            if size <= 0 or size % (8 * patch):
+                raise ValueError(
+                    f"--image-size {size} makes no whole {patch} x {patch} patches of {name}'s "
+                    f"latents (1/8 of the image side): use a multiple of {8 * patch}"
+                )
+    if args.json:
+        check_writable(args.json, "--json", is_dir=False)  # an InputError, a ValueError too
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json}: the folder {folder} does not exist")
+
+
 def main(argv=None):
     parser = ArgumentParser(
         prog="python -m models",
@@ -115,38 +155,29 @@ def main(argv=None):
         help="with --table: the seed paper's timm classifiers (DeiT-T/S, PVT-v2-b1, Swin-T) at "
         "224 px, timm's own attention against --attention (default here: mhsa vca)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="with --table: also write the rows as JSON to PATH, in a folder that exists "
+        "(default: none)",
+    )
     args = parser.parse_args(argv)
+    args.attention = args.attention or (
+        ["mhsa", "vca"] if args.classification else list(ATTENTIONS)
+    )
+    try:
+        check_inputs(args)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
     if args.classification:
-        rows = classification_table(args.attention or ["mhsa", "vca"])
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
-        return
-
-    args.attention = args.attention or list(ATTENTIONS)
-    if not args.table:
-        for name in MODEL_NAMES:
-            print(name)
-        return
-
-    rows = []
-    for size in args.image_size:
-        print(f"\n{size} px: params (M) / forward GMACs, batch 1")
-        print(f"| {'model':<10} | " + " | ".join(f"{a:>17}" for a in args.attention) + " |")
-        print("|" + "-" * 12 + "|" + "|".join("-" * 19 for _ in args.attention) + "|")
-        for name in args.models:
-            cells = []
-            for attention in args.attention:
-                try:
-                    row = count(name, attention, size)
-                except ValueError as err:
-                    parser.exit(2, f"error: {err}\n")
-                rows.append(row)
-                cells.append(f"{row['params'] / 1e6:8.2f} / {row['gmacs']:6.2f}")
-            print(f"| {name:<10} | " + " | ".join(cells) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
+        rows = classification_table(args.attention)
+    elif args.table:
+        rows = generation_table(args.models, args.attention, args.image_size)
+    else:
+        rows = None
+        print("\n".join(MODEL_NAMES))
+    if args.json and rows is not None:
+        with atomic_write(args.json, "w") as f:
             json.dump(rows, f, indent=1)
 
 

@@ -54,10 +54,7 @@ MIXER_OPTIONS = ("contrast_grid", "stage2_softmax", "dwc")
 
 def family_of(name: str) -> str:
     """'vit', 'swin' or 'pvt' for a timm model name; ValueError for any other."""
-    try:
-        module = timm.models.model_entrypoint(name).__module__
-    except RuntimeError:
-        module = None
+    module = timm.models.model_entrypoint(name).__module__ if timm.models.is_model(name) else None
     if module not in FAMILIES:
         raise ValueError(
             f"unknown or unsupported timm model {name!r}; use a ViT/DeiT, Swin or PVT-v2, "

@@ -4,13 +4,19 @@ Both expose the scaled posterior, so a latent cache can store (mean, std) once a
 loop can draw a fresh sample `mean + std * eps` every step, as DiT's on-the-fly VAE does.
 """
 
+import json
 import os
+import warnings
 
 import torch
 
 from common import InputError
 
 HUB_IDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+SD_VAE_DOWNSAMPLE = 8  # both SD VAEs: four encoder blocks, three of them downsampling
+# Library notices raised while loading a VAE (deprecated hub arguments diffusers passes on):
+# about the libraries' code, not the user's command.
+LIBRARY_WARNINGS = r"(huggingface_hub|diffusers)(\.|$)"
 
 
 class CodecError(InputError):
@@ -73,10 +79,31 @@ class VAECodec(Codec):
         return out.to(latents.device, torch.float32)
 
 
+def codec_downsample(spec: str) -> int | None:
+    """The downsampling factor of the codec `spec`, known without loading (or downloading) its
+    weights: 1 for none, 8 for ema/mse, a local folder's from its config.json; None where only
+    loading tells (another hub id, or a folder load_codec will refuse)."""
+    if spec == "none":
+        return 1
+    if spec in HUB_IDS:
+        return SD_VAE_DOWNSAMPLE
+    try:
+        with open(os.path.join(os.path.expanduser(spec), "config.json")) as f:
+            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_codec(spec: str, device="cpu", dtype=torch.float32) -> Codec:
     """Spec: "none" (pixels), "ema"/"mse" (the SD VAE, hub cache), a saved folder or a hub id."""
     if spec == "none":
         return PixelCodec()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=LIBRARY_WARNINGS)
+        return _load_vae(spec, device, dtype)
+
+
+def _load_vae(spec: str, device, dtype) -> Codec:
     from diffusers import AutoencoderKL
 
     source = os.path.expanduser(HUB_IDS.get(spec, spec))
@@ -99,7 +126,7 @@ def load_codec(spec: str, device="cpu", dtype=torch.float32) -> Codec:
         except (OSError, ValueError) as err:
             raise CodecError(
                 f"VAE {spec!r}: cannot load {source} (not in the local Hugging Face cache, and the "
-                "hub is unreachable or has no such model); download it on a machine with network: "
-                f"`huggingface-cli download {source}`, or pass --vae /path/to/dir"
+                "hub is unreachable or has no such model); on a machine with network run "
+                f"`hf download {source} --local-dir DIR`, then pass --vae DIR"
             ) from err
     return VAECodec(vae, spec, device, dtype)

@@ -51,3 +51,21 @@ def triton_stream_kernels():
 
     with attention.using_stream_kernel("triton"):
         yield
+
+
+@pytest.fixture
+def part_counts(monkeypatch):
+    """A list that gets the number of parts of each stream-difference product the aten kernels
+    run (models.attention.product_parts), in call order."""
+    from models import attention
+
+    counts = []
+    product_parts = attention.product_parts
+
+    def counted_parts(query, key, in_keys):
+        parts = list(product_parts(query, key, in_keys))
+        counts.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(attention, "product_parts", counted_parts)
+    return counts

@@ -402,7 +402,7 @@ COMPILED_CASES = [(*case, "auto") for case in VARIANTS if case[2]] + [
 
 @pytest.mark.parametrize("variant,softmax_mode,dwc,kernel", COMPILED_CASES)
 def test_inductor_compiled_vca_equals_eager_in_one_two_and_four_parts(
-    monkeypatch, variant, softmax_mode, dwc, kernel
+    monkeypatch, part_counts, variant, softmax_mode, dwc, kernel
 ):
     """Each variant's layer compiled by inductor, forward and backward, equals eager mode
     while the eager products run in 1, 2 and 4 parts (the part minimum lowered as larger
@@ -418,15 +418,7 @@ def test_inductor_compiled_vca_equals_eager_in_one_two_and_four_parts(
     x = torch.randn(3, 24, 32, generator=generator, dtype=torch.float64, requires_grad=True)
     cotangent = torch.randn(3, 24, 32, generator=generator, dtype=torch.float64)
     params = [x, *layer.parameters()]
-    counts = []
-    product_parts = attention.product_parts
-
-    def counted_parts(query, key, in_keys):
-        parts = list(product_parts(query, key, in_keys))
-        counts.append(len(parts))
-        return iter(parts)
-
-    monkeypatch.setattr(attention, "product_parts", counted_parts)
+    counts = part_counts
     monkeypatch.setattr(attention, "stream_kernel", kernel)
     torch._dynamo.reset()
     compiled = torch.compile(layer, backend="inductor", fullgraph=True)

@@ -202,3 +202,16 @@ def test_the_benchmarks_take_a_stream_kernel_with_each_vca_mixer(capsys):
     with pytest.raises(SystemExit) as error:
         compile_time.main(["--attention", "mhsa", "vca@cuda"])
     assert error.value.code == 2 and "vca@cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tokens", ["255", "0"])
+def test_a_token_count_that_tiles_no_square_grid_is_one_line(tmp_path, capsys, tokens):
+    """Refused by the parser, before anything is built, printed or written."""
+    from bench import attention
+
+    out = tmp_path / "attention.json"
+    with pytest.raises(SystemExit) as exit_:
+        attention.main(["--tokens", "256", tokens, "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert exit_.value.code == 2 and stdout == "" and not out.exists()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "square grid" in err, err

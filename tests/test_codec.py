@@ -1,12 +1,14 @@
 """Latent codecs: a tiny random-weight AutoencoderKL saved to disk and loaded by path, checked
 against diffusers called directly; the pixel identity; one-line errors when loading fails."""
 
+import warnings
+
 import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from models.codec import CodecError, PixelCodec, load_codec
+from models.codec import CodecError, PixelCodec, codec_downsample, load_codec
 
 
 def tiny_vae() -> AutoencoderKL:
@@ -94,16 +96,27 @@ def test_pixel_codec_is_the_identity(images):
     assert torch.equal(codec.decode(images), images)
 
 
-@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks`")
-def test_missing_hub_model_is_one_clear_line(monkeypatch):
+def test_missing_hub_model_is_one_clear_line_and_no_library_warning(monkeypatch):
+    """The fix names the installed hub client's command, with the folder --vae then takes; the
+    deprecation notices diffusers' hub calls raise stay out of the user's stderr."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(CodecError) as err:
+    with warnings.catch_warnings(record=True) as shown, pytest.raises(CodecError) as err:
+        warnings.simplefilter("always")
         load_codec("nobody-vca/no-such-vae")
     message = str(err.value)
     assert "\n" not in message
-    assert "nobody-vca/no-such-vae" in message and "huggingface-cli download" in message
-    assert "--vae" in message
+    assert "`hf download nobody-vca/no-such-vae --local-dir DIR`, then pass --vae DIR" in message
+    assert not shown, [str(w.message) for w in shown]
+
+
+def test_downsampling_is_known_before_loading(saved):
+    """What train.py checks --image-size against before a VAE is loaded (or downloaded)."""
+    _, codec = saved  # loaded from its folder, whose path is its spec
+    assert codec_downsample(codec.spec) == codec.downsample == 2
+    assert codec_downsample("ema") == codec_downsample("mse") == 8
+    assert codec_downsample("none") == PixelCodec.downsample == 1
+    assert codec_downsample("nobody-vca/no-such-vae") is None  # known once loaded
 
 
 def test_bad_local_folders_are_codec_errors(tmp_path):

@@ -61,5 +61,5 @@ def test_every_layer_error_is_an_input_error(tmp_path):
     for error in (UsageError, ConfigError, DataError, CodecError, MetricsError, NpzError):
         assert issubclass(error, InputError)
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="not a readable .npz"):
+    with pytest.raises(InputError, match="is not an .npz file"):
         npz_array_info(tmp_path / "bad.npz")

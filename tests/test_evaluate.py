@@ -3,6 +3,7 @@ reference statistics; the metrics it reports; bad input. Tiny pixel-space models
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -158,6 +159,18 @@ def test_bad_input_is_one_line_and_exit_2(checkpoint, tmp_path, weights_file, ca
         assert evaluate_fid.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)
+
+
+def test_help_examples_parse_and_sample_dit_xl_with_dits_guidance():
+    """Each command of `evaluate_fid.py --help` parses; the official DiT-XL/2 one guides the
+    first 3 channels, DiT's own rule, on which its published FIDs rest."""
+    text = evaluate_fid.__doc__.replace("\\\n", " ")
+    commands = [shlex.split(line) for line in text.splitlines() if "evaluate_fid.py --" in line]
+    parser = evaluate_fid.build_parser()
+    parsed = [parser.parse_args(words[words.index("evaluate_fid.py") + 1 :]) for words in commands]
+    assert len(parsed) == 3
+    (official,) = [args for args in parsed if args.ckpt == "DiT-XL-2-256x256.pt"]
+    assert official.cfg_channels == 3 and official.cfg_scale == 1.5
 
 
 def test_synthetic_reference_scores_with_the_demo_classifier(checkpoint, tmp_path, monkeypatch):

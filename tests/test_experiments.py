@@ -113,6 +113,25 @@ def test_runner_refuses_a_cell_the_table_lacks(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--scale", "imagenet", "--nodes", "0"], "--nodes must be at least 1, got 0"),
+        (["--eval-samples", "-5"], "--eval-samples must be at least 1, got -5"),
+        (["--eval-samples", "0"], "--eval-samples must be at least 1, got 0"),
+        (["--sampling-steps", "1"], "--sampling-steps must be at least 2, got 1"),
+    ],
+)
+def test_runner_refuses_bad_numbers_before_any_run(tmp_path, capsys, extra, message):
+    """Each would otherwise reach the scripts only after a run's training, or write sbatch
+    lines that cannot run."""
+    with pytest.raises(SystemExit) as exit_:
+        run.main(["paper-main", *extra, "--only", "DiT-T/4:vca", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in err and not any(tmp_path.iterdir())
+
+
 def test_imagenet_scale_writes_commands_that_parse(tmp_path):
     assert run.main(["paper-ablation", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
     lines = (tmp_path / "imagenet" / "paper-ablation.sh").read_text().splitlines()
@@ -123,6 +142,24 @@ def test_imagenet_scale_writes_commands_that_parse(tmp_path):
         script = {"train.py": train, "evaluate_fid.py": evaluate_fid}[launch.training_script]
         script.build_parser().parse_args(launch.training_script_args)
     assert sum(line.startswith("job=$(sbatch") for line in lines) == 18
+
+
+def test_imagenet_runs_keep_every_checkpoint_they_write(tmp_path):
+    """An FID-over-training curve needs every --ckpt-every checkpoint, not the newest 3 that
+    --keep-checkpoints keeps by default; the script says so."""
+    assert run.main(["paper-main", "--scale", "imagenet", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "imagenet" / "paper-main.sh").read_text()
+    lines = text.splitlines()
+    trains = [
+        shlex.split(line)[3:]
+        for line in lines
+        if line.startswith("torchrun ") and " train.py " in line
+    ]
+    assert len(trains) == 5 * 2 * 3  # 5 models, mhsa and vca, 3 seeds
+    for words in trains:
+        args = train.build_parser().parse_args(words)
+        assert args.keep_checkpoints == 0 and args.ckpt_every < args.max_steps
+    assert "# --keep-checkpoints 0: each run keeps every --ckpt-every checkpoint" in text
 
 
 def test_imagenet_classification_writes_train_classifier_commands_that_parse(tmp_path):

@@ -461,23 +461,36 @@ def _not_an_npz(path):
     path.write_bytes(b"not a zip file")
 
 
+def _empty_file(path):
+    path.write_bytes(b"")
+
+
+def _pickled_statistics(path):
+    np.savez(path, mu=np.array([{}], dtype=object), sigma=np.eye(2048))
+
+
 @pytest.mark.parametrize(
     ("make", "words"),
     [
         (_reference_without_mu, ["no 'mu'", "VIRTUAL_imagenet256_labeled.npz"]),
         (_reference_with_wrong_shapes, ["mu", "(10,)", "(2048,)"]),
         (_reference_with_float_images, ["arr_0", "uint8"]),
-        (_not_an_npz, ["not an .npz"]),
-        (None, ["does not exist"]),
+        (_not_an_npz, ["not an .npz", "--make-ref"]),
+        (_empty_file, ["not an .npz"]),
+        (_pickled_statistics, ["mu is a pickled object array, which is never loaded"]),
+        (None, ["does not exist", "evaluate_fid.py --make-ref OUT.npz"]),
     ],
 )
 def test_bad_reference_files(tmp_path, make, words):
+    """One line naming the fix a user runs (--make-ref, not the function behind it), never
+    numpy's advice to load the file unsafely."""
     path = tmp_path / "ref.npz"
     if make is not None:
         make(path)
     with pytest.raises(MetricsError) as excinfo:
         load_reference(path)
     assert_one_line_error(excinfo, *words)
+    assert "allow_pickle" not in str(excinfo.value) and "write_reference" not in str(excinfo.value)
 
 
 @pytest.mark.parametrize(
@@ -504,6 +517,7 @@ def test_missing_or_invalid_weights(tmp_path):
     with pytest.raises(MetricsError) as excinfo:
         InceptionFeatures(weights_path=garbage)
     assert_one_line_error(excinfo, "not a PyTorch state dict", "--inception-weights PATH")
+    assert "False" not in str(excinfo.value)  # torch's advice to load it with weights_only=False
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(MetricsError) as excinfo:
@@ -543,6 +557,7 @@ def test_downloaded_weights_are_checked_before_torch_fidelity_loads_them(
     with pytest.raises(MetricsError) as excinfo:
         InceptionFeatures()
     assert_one_line_error(excinfo, "not a PyTorch state dict", "--inception-weights PATH")
+    assert "False" not in str(excinfo.value)  # torch's advice to load it with weights_only=False
     assert downloads == [WEIGHTS_URL] and not marker.exists()
     cached = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE
     shutil.copyfile(weights_file, cached)

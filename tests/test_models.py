@@ -159,6 +159,33 @@ def test_unknown_names_are_clear_errors():
         create_model("DiT-S/8", input_size=12)
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--models", "DiT-XL/3"], "--models: unknown model 'DiT-XL/3'"),
+        (["--json", "{tmp}/missing/dir/x.json"], "missing/dir does not exist"),
+        (["--json", "{tmp}/file/x.json"], "is a file, so the file cannot be made"),
+        (["--json", "{tmp}"], "exists and is not a file"),
+        (["--image-size", "256", "250"], "--image-size 250 makes no whole 2 x 2 patches"),
+        (["--models", "DiT-S/8", "--image-size", "32"], "use a multiple of 64"),
+        (["--classification", "--json", "{tmp}/missing/x.json"], "does not exist"),
+    ],
+)
+def test_table_bad_input_is_one_line_before_anything_is_printed(tmp_path, capsys, extra, message):
+    """`python -m models --table`: a bad flag ends in one line and exit 2 before any row is
+    counted or printed, and writes nothing."""
+    from models import __main__ as models_main
+
+    (tmp_path / "file").write_text("a plain file")
+    argv = ["--table", "--models", "DiT-S/2", *[a.format(tmp=tmp_path) for a in extra]]
+    with pytest.raises(SystemExit) as exit_:
+        models_main.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == "", out
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_adaln_zero_initialisation():
     torch.manual_seed(0)
     model = create_model("DiT-S/4", input_size=16)

@@ -92,8 +92,9 @@ def test_readme_has_the_commands_users_need_in_its_first_150_lines():
     assert scripts.count("train") >= 3 and scripts.count("sample") >= 2
     assert scripts.count("evaluate_fid") >= 2
     head = "\n".join(readme.splitlines()[:150])
-    for answer in ("DiT-XL-2-256x256.pt", "--cfg-channels 3", "VIRTUAL_imagenet256_labeled.npz",
-                   "--resume", "--keep-checkpoints 0", "A100", "VisualContrastAttention"):  # fmt: skip
+    answers = ["DiT-XL-2-256x256.pt", "--cfg-channels 3", "VIRTUAL_imagenet256_labeled.npz",
+               "--resume", "--keep-checkpoints 0", "A100", "VisualContrastAttention"]  # fmt: skip
+    for answer in answers:
         assert answer in head, answer
     assert len(readme.splitlines()) <= 300
 

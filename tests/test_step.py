@@ -157,7 +157,9 @@ def test_precision_and_compile_defaults():
 
 
 @pytest.mark.parametrize("kernel", ["auto", "aten"])
-def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(monkeypatch, kernel):
+def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(
+    monkeypatch, part_counts, kernel
+):
     """Guided sampling doubles the batch the blocks see, and with it the number of parts the
     stream products run in; inductor-compiled blocks (the stream products as the opaque op,
     which `auto` picks without autograd as `aten` does) give eager mode's guided output in one
@@ -167,15 +169,7 @@ def test_inductor_compiled_blocks_sample_with_guidance_in_parts_as_eager(monkeyp
     monkeypatch.setattr(attention, "stream_kernel", kernel)
     model = tiny_sit(input_size=16).eval()  # 16 tokens, 2n = 32: maps worth splitting
     x, t, y = torch.randn(4, 4, 16, 16), torch.rand(4), torch.tensor([1, 2, 10, 10])
-    counts = []
-    product_parts = attention.product_parts
-
-    def counted_parts(query, key, in_keys):
-        parts = list(product_parts(query, key, in_keys))
-        counts.append(len(parts))
-        return iter(parts)
-
-    monkeypatch.setattr(attention, "product_parts", counted_parts)
+    counts = part_counts
     expected = {}
     with torch.no_grad():
         for minimum in (1 << 30, 1):

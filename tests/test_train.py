@@ -68,6 +68,16 @@ def test_resume_is_exact(tmp_path, model):
     assert losses_a == losses_b  # the curve continues as if never stopped
 
 
+def test_resume_and_compile_do_what_their_help_says(tmp_path):
+    """--resume in a folder without checkpoints starts from step 0, as its help says; --compile
+    names what engine.precision.compile_blocks compiles: each block, not the whole model."""
+    text = " ".join(train.build_parser().format_help().split())
+    assert "auto starts from step 0 when the folder has no checkpoint yet" in text
+    assert "torch.compile each transformer block in place" in text
+    assert train.main(tiny_args(tmp_path, "--resume", steps=1)) == 0
+    assert "no checkpoint yet, starting from scratch" in (tmp_path / "log.txt").read_text()
+
+
 def test_checkpoint_contents_and_pruning(tmp_path):
     assert train.main(tiny_args(tmp_path, "--ckpt-every", "1", "--keep-checkpoints", "2")) == 0
     assert [step for step, _ in list_checkpoints(tmp_path / "checkpoints")] == [3, 4]
