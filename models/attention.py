@@ -571,7 +571,7 @@ class VisualContrastAttention(Attention):
         elif self.variant == "emb":
             tokens = tokens * d**-0.5
         else:
-            content = F.adaptive_avg_pool2d(self._grid(q), self.contrast_grid).flatten(2)
+            content = average_pool(self._grid(q), self.contrast_grid).flatten(2)
             content = content.unflatten(1, (M, d)).transpose(-1, -2).unsqueeze(2)
             tokens = (content + tokens).mul_(d**-0.5)
         return tokens.flatten(2, 3).expand(B, -1, -1, -1)
@@ -608,6 +608,17 @@ class VisualContrastAttention(Attention):
         weight, bias = self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype)
         conv = depthwise_conv3x3(self._grid(v), weight, bias)
         return F.pad(conv, (0, 0, self.prefix_tokens, 0)) if self.prefix_tokens else conv
+
+
+def average_pool(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """F.adaptive_avg_pool2d(grid, size), as means over blocks where `size` divides the grid
+    (always, on the square grids of DiT): torch.compile fuses those, and their backward, with
+    the ops around them, where adaptive pooling's backward is an aten kernel of its own."""
+    B, C, H, W = grid.shape
+    h, w = size
+    if H % h or W % w:
+        return F.adaptive_avg_pool2d(grid, size)
+    return grid.reshape(B, C, h, H // h, w, W // w).mean((3, 5))
 
 
 @custom_op("depthwise_conv3x3")

@@ -224,6 +224,25 @@ def test_vca_with_prefix_tokens_matches_reference(prefix, softmax_mode):
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "grid,size", [((8, 8), (4, 4)), ((6, 10), (3, 5)), ((16, 16), (8, 8)), ((7, 9), (3, 4))]
+)
+def test_average_pool_equals_adaptive_pooling_with_its_gradient(grid, size):
+    """Block means where the contrast grid divides the token grid (on VCA's strided grid view,
+    as _grid passes it), adaptive pooling where it does not: F.adaptive_avg_pool2d's output and
+    gradient either way."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, grid[0] * grid[1], 6, generator=g, dtype=torch.float64)
+    view = tokens.transpose(1, 2).unflatten(-1, grid).requires_grad_()  # (B, C, H, W) view
+    cotangent = torch.randn(2, 6, *size, generator=g, dtype=torch.float64)
+    got = attention.average_pool(view, size)
+    (got_grad,) = torch.autograd.grad((got * cotangent).sum(), view)
+    expected = torch.nn.functional.adaptive_avg_pool2d(view, size)
+    (expected_grad,) = torch.autograd.grad((expected * cotangent).sum(), view)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-14, atol=1e-14)
+
+
 def test_vca_rectangular_contrast_grid_and_float32():
     g = torch.Generator().manual_seed(1)
     mod = VisualContrastAttention(C, HEADS, (H, W), layer_index=0, contrast_grid=(2, 4))
