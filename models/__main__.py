@@ -14,6 +14,7 @@ from common.cli import ArgumentParser
 from . import ATTENTION_HELP, ATTENTIONS, MODEL_NAMES, create_model, parse_model_name
 from .attention import InlineCustomOps
 from .classifier import BACKBONES, create_classifier
+from .codec import SD_VAE_DOWNSAMPLE
 
 # The seed paper's Params column (M): backbone -> (its baseline, with VCA). PVT-Tiny is PVT v1,
 # whose nearest timm model is PVT-v2-b1.
@@ -27,7 +28,7 @@ PAPER_PARAMS = {
 
 def count(name: str, attention: str, image_size: int, num_classes: int = 1000) -> dict:
     """Parameters (fixed positional embedding included, as DiT reports) and forward GMACs."""
-    latent = image_size // 8
+    latent = image_size // SD_VAE_DOWNSAMPLE
     with torch.device("meta"):
         model = create_model(name, attention=attention, input_size=latent, num_classes=num_classes)
         x = torch.empty(1, 4, latent, latent)
@@ -106,10 +107,12 @@ def check_inputs(args) -> None:
         except ValueError as err:
             raise ValueError(f"--models: {err}") from None
         for size in args.image_size:
-            if size <= 0 or size % (8 * patch):
+            factor = SD_VAE_DOWNSAMPLE * patch
+            if size <= 0 or size % factor:
                 raise ValueError(
                     f"--image-size {size} makes no whole {patch} x {patch} patches of {name}'s "
-                    f"latents (1/8 of the image side): use a multiple of {8 * patch}"
+                    f"latents (1/{SD_VAE_DOWNSAMPLE} of the image side): use a multiple of "
+                    f"{factor}"
                 )
     if args.json:
         check_writable(args.json, "--json", is_dir=False)  # an InputError, a ValueError too

@@ -275,7 +275,7 @@ def set_stream_kernel(name: str) -> None:
     """Which kernels run the stream-difference products, process-wide:
     - "auto" (the default): "traced" where torch.compile traces a training step (autograd
       on), "aten" elsewhere: eager, and compiled sampling, where the op's in-place softmax and
-      parts hold less memory (README, Speed, times both);
+      parts hold less memory (docs/speed.md times both);
     - "traced": plain autograd ops (`traced_stream_difference`) that torch.compile sees and
       fuses with the softmaxes, the map difference and the norms around them;
     - "aten": the custom op `stream_difference_op`, batched GEMMs and softmaxes in

@@ -64,7 +64,7 @@ class VAECodec(Codec):
         self.vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self.spec, self.device, self.dtype = spec, torch.device(device), dtype
         self.latent_channels = vae.config.latent_channels
-        self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.downsample = vae_downsample(vae.config.block_out_channels)
         self.scale = float(vae.config.scaling_factor)
 
     @torch.no_grad()
@@ -79,6 +79,11 @@ class VAECodec(Codec):
         return out.to(latents.device, torch.float32)
 
 
+def vae_downsample(block_out_channels) -> int:
+    """An AutoencoderKL's downsampling factor: every encoder block but the last halves the side."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def codec_downsample(spec: str) -> int | None:
     """The downsampling factor of the codec `spec`, known without loading (or downloading) its
     weights: 1 for none, 8 for ema/mse, a local folder's from its config.json; None where only
@@ -89,7 +94,7 @@ def codec_downsample(spec: str) -> int | None:
         return SD_VAE_DOWNSAMPLE
     try:
         with open(os.path.join(os.path.expanduser(spec), "config.json")) as f:
-            return 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+            return vae_downsample(json.load(f)["block_out_channels"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
